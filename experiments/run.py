@@ -1,0 +1,429 @@
+"""Run one continual-learning experiment and write its results as it goes.
+
+    python -m experiments.run --config experiments/configs/default.yaml
+    python -m experiments.run --benchmark split_cifar10 --method merge_lora --backbone cifar_resnet32 \
+        --backbone-weights pretrained --epochs 1 --subset 1000 --out runs/merge
+
+Options come from the defaults below, then ``--config`` (YAML, keys as the option names with ``_``), then the
+command line. ``<out>/results.json`` is rewritten after every experience (config, class order, accuracy matrix,
+average accuracy, forgetting, parameter counts, times); ``<out>/log.txt`` and ``<out>/csv/`` hold Avalanche's text
+and CSV logs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import re
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["main", "parse_config", "run", "METHODS", "BENCHMARKS", "DEFAULTS"]
+
+METHODS = ("naive", "merge_lora")
+BENCHMARKS = ("split_cifar10", "split_cifar100", "arrays")
+
+DEFAULTS = dict(
+    benchmark="split_cifar10",
+    n_experiences=None,  # 5 for split_cifar10 and arrays, 10 for split_cifar100
+    data=None,
+    dataset_root=None,
+    task_incremental=False,
+    seed=0,
+    subset=None,
+    eval_subset=None,
+    image_size=None,
+    backbone="cifar_resnet32",
+    backbone_weights=None,
+    keep_head=False,
+    method="merge_lora",
+    r=4,
+    alpha=None,
+    rslora=False,
+    dropout=0.0,
+    conv_mode="kxk_1x1",
+    target_modules="auto",
+    exclude_modules=None,
+    bn="auto",
+    epochs=1,
+    batch_size=64,
+    eval_batch_size=256,
+    optimizer="sgd",
+    lr=0.01,
+    momentum=0.9,
+    weight_decay=0.0,
+    eval_on="seen",
+    device="cpu",
+    threads=None,
+    num_workers=0,
+    out=None,
+    progress=True,
+)
+
+_CHOICES = dict(
+    benchmark=BENCHMARKS, method=METHODS, conv_mode=("kxk_1x1", "loralib"), bn=("auto", "train", "frozen"),
+    optimizer=("sgd", "adam", "adamw"), eval_on=("seen", "all"), device=None,
+)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m experiments.run",
+        description="Continual learning with low-rank adaptation on Avalanche: one run, results in --out.",
+        argument_default=argparse.SUPPRESS,  # so only flags given on the command line override the config file
+    )
+    add = p.add_argument
+    add("--config", help="YAML file of options (keys = option names with '_'); command-line flags override it")
+    g = p.add_argument_group("benchmark")
+    g.add_argument("--benchmark", choices=BENCHMARKS, help="default split_cifar10")
+    g.add_argument("--n-experiences", type=int, help="default 5 (10 for split_cifar100)")
+    g.add_argument("--data", help="arrays .npz file or ImageFolder dir (default: $LOWRANK_CL_DATA/<dataset>.npz, "
+                                  "else download); required for --benchmark arrays")
+    g.add_argument("--dataset-root", help="where Avalanche downloads CIFAR when no offline source is found")
+    g.add_argument("--task-incremental", action="store_true", help="task labels and one head per task")
+    g.add_argument("--seed", type=int, help="class order and initialisation (default 0)")
+    g.add_argument("--subset", type=int, help="training images per experience (quick runs)")
+    g.add_argument("--eval-subset", type=int, help="test images per experience (quick runs)")
+    g.add_argument("--image-size", type=int, help="resize images (e.g. 224 for ImageNet backbones)")
+    g = p.add_argument_group("model")
+    g.add_argument("--backbone", help="cifar_resnet20|32|44|56, vit_cifar, timm:<name>, torchvision:<name>")
+    g.add_argument("--backbone-weights", help="checkpoint file, or 'pretrained' (the library's weights; downloads)")
+    g.add_argument("--keep-head", action="store_true", help="keep a pretrained head of the right size (class-IL)")
+    g.add_argument("--bn", choices=_CHOICES["bn"],
+                   help="BatchNorm while training: frozen (eval mode, fixed) or train; auto = frozen with weights")
+    g = p.add_argument_group("method")
+    g.add_argument("--method", choices=METHODS, help="default merge_lora; naive = Avalanche's fine-tuning")
+    g.add_argument("--r", type=int, help="LoRA rank (default 4)")
+    g.add_argument("--alpha", type=float, help="LoRA alpha (default: r, i.e. scale 1)")
+    g.add_argument("--rslora", action="store_true", help="scale alpha/sqrt(r)")
+    g.add_argument("--dropout", type=float, help="LoRA dropout (default 0)")
+    g.add_argument("--conv-mode", choices=_CHOICES["conv_mode"], help="conv LoRA shape (default kxk_1x1)")
+    g.add_argument("--target-modules", help="'auto', a regex (full match) or comma-separated name suffixes")
+    g.add_argument("--exclude-modules", help="regex or comma-separated suffixes never adapted")
+    g = p.add_argument_group("training")
+    g.add_argument("--epochs", type=int)
+    g.add_argument("--batch-size", type=int)
+    g.add_argument("--eval-batch-size", type=int)
+    g.add_argument("--optimizer", choices=_CHOICES["optimizer"])
+    g.add_argument("--lr", type=float)
+    g.add_argument("--momentum", type=float)
+    g.add_argument("--weight-decay", type=float)
+    g.add_argument("--eval-on", choices=_CHOICES["eval_on"],
+                   help="test experiences evaluated after each experience: seen (default) or all")
+    g.add_argument("--device", help="cpu (default), cuda, cuda:N or auto")
+    g.add_argument("--threads", type=int, help="torch CPU threads")
+    g.add_argument("--num-workers", type=int, help="data-loader workers (default 0)")
+    g.add_argument("--out", help="output directory (default runs/<method>-<backbone>-seed<seed>)")
+    g.add_argument("--no-progress", dest="progress", action="store_false", help="no interactive progress bars")
+    return p
+
+
+def parse_config(argv=None) -> dict:
+    """Defaults, then the YAML file, then command-line flags. Raises ``ValueError`` on unknown or bad values."""
+    args = vars(_parser().parse_args(argv))
+    cfg = dict(DEFAULTS)
+    path = args.pop("config", None)
+    if path is not None:
+        import yaml
+
+        if not Path(path).is_file():
+            raise ValueError(f"Config file not found: {path}")
+        with open(path) as f:
+            loaded = yaml.safe_load(f) or {}
+        if not isinstance(loaded, dict):
+            raise ValueError(f"{path} must hold a mapping of option: value.")
+        loaded = {k.replace("-", "_"): v for k, v in loaded.items()}
+        unknown = sorted(set(loaded) - set(DEFAULTS))
+        if unknown:
+            raise ValueError(f"{path}: unknown option(s) {unknown}; known: {sorted(DEFAULTS)}.")
+        cfg.update(loaded)
+        cfg["config"] = str(path)
+    cfg.update(args)
+    for key, choices in _CHOICES.items():
+        if choices and cfg[key] not in choices:
+            raise ValueError(f"Unknown {key} {cfg[key]!r}; choose one of {', '.join(choices)}.")
+    if cfg["n_experiences"] is None:
+        cfg["n_experiences"] = 10 if cfg["benchmark"] == "split_cifar100" else 5
+    if cfg["benchmark"] == "arrays" and not cfg["data"]:
+        raise ValueError("--benchmark arrays needs --data <file.npz>.")
+    for key in ("epochs", "batch_size", "eval_batch_size", "n_experiences"):
+        if not isinstance(cfg[key], int) or cfg[key] < 1:
+            raise ValueError(f"{key} must be a positive integer, got {cfg[key]!r}.")
+    if cfg["out"] is None:
+        cfg["out"] = f"runs/{cfg['method']}-{cfg['backbone'].replace(':', '_')}-seed{cfg['seed']}"
+    return cfg
+
+
+def _target(spec):
+    """CLI form of a module pattern: comma-separated suffixes or a regex."""
+    if spec is None or not isinstance(spec, str):
+        return spec
+    return [s.strip() for s in spec.split(",") if s.strip()] if "," in spec else spec
+
+
+def auto_target_modules(backbone: str):
+    """Default LoRA targets: every 3×3 conv in a CIFAR ResNet's stages; a ViT's qkv/proj/fc1/fc2; else every Linear
+    and ungrouped Conv2d except the classifier head."""
+    from torch import nn
+
+    if backbone.startswith("cifar_resnet"):
+        return r"(.*\.)?layer\d\.\d+\.conv[12]"
+    if backbone == "vit_cifar" or backbone.startswith("timm:vit"):
+        return ["attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"]
+
+    def pred(name, module):
+        if name.split(".")[-1] in ("head", "fc", "classifier", "linear") or ".head." in f".{name}.":
+            return False
+        return isinstance(module, nn.Linear) or (isinstance(module, nn.Conv2d) and module.groups == 1)
+
+    return pred
+
+
+def _device(spec: str):
+    import torch
+
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(spec)
+    except RuntimeError as e:
+        raise ValueError(f"Unknown device {spec!r}; use cpu, cuda, cuda:N or auto.") from e
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for but CUDA is not available here; use --device cpu.")
+    return dev
+
+
+def build_benchmark(cfg: dict, normalization=None):
+    from .benchmarks import arrays_benchmark, split_cifar10, split_cifar100
+
+    common = dict(seed=cfg["seed"], return_task_id=cfg["task_incremental"], subset=cfg["subset"],
+                  eval_subset=cfg["eval_subset"], image_size=cfg["image_size"], normalization=normalization)
+    if cfg["benchmark"] == "arrays":
+        return arrays_benchmark(cfg["data"], cfg["n_experiences"], **common)
+    fn = split_cifar10 if cfg["benchmark"] == "split_cifar10" else split_cifar100
+    return fn(cfg["n_experiences"], data=cfg["data"], dataset_root=cfg["dataset_root"], **common)
+
+
+def build_model(cfg: dict, n_classes: int, classes_per_exp: int):
+    from models import TaskIncrementalClassifier, build_backbone, replace_head
+
+    w = cfg["backbone_weights"]
+    backbone = build_backbone(cfg["backbone"], n_classes, weights=None if w == "pretrained" else w,
+                              pretrained=w == "pretrained")
+    if w is not None and not cfg["keep_head"] and not cfg["task_incremental"]:
+        replace_head(backbone, n_classes)  # class-IL learns its head from scratch unless told to keep it
+    if cfg["task_incremental"]:
+        return TaskIncrementalClassifier(backbone, classes_per_exp)
+    return backbone
+
+
+def _optimizer(cfg, params):
+    import torch
+
+    if cfg["optimizer"] == "sgd":
+        return torch.optim.SGD(params, lr=cfg["lr"], momentum=cfg["momentum"], weight_decay=cfg["weight_decay"])
+    cls = torch.optim.Adam if cfg["optimizer"] == "adam" else torch.optim.AdamW
+    return cls(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+
+
+def _write_json(path: Path, obj) -> None:
+    tmp = path.with_suffix(".json.tmp")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)  # atomic: a reader never sees a half-written file
+
+
+_ACC_RE = re.compile(r"Top1_Acc_Exp/eval_phase/test_stream/Task\d+/Exp(\d+)$")
+
+
+def summarize(matrix: list[list[float | None]]) -> dict:
+    """Average accuracy after each experience (mean over the experiences seen so far) and, after the last row,
+    forgetting as Avalanche defines it (accuracy right after learning j minus accuracy now, mean over j < last)."""
+    avg = [float(np.mean([r[j] for j in range(i + 1)])) for i, r in enumerate(matrix)]
+    last = len(matrix) - 1
+    forg = [matrix[j][j] - matrix[last][j] for j in range(last)]
+    return dict(
+        average_accuracy=avg,
+        final_average_accuracy=avg[-1] if avg else None,
+        forgetting_per_experience=forg,
+        average_forgetting=float(np.mean(forg)) if forg else None,
+        bwt=-float(np.mean(forg)) if forg else None,
+    )
+
+
+def run(cfg: dict) -> dict:
+    """Run the experiment described by ``cfg`` (see :func:`parse_config`) and return the final results dict."""
+    import torch
+    from avalanche.evaluation.metrics import (
+        accuracy_metrics,
+        bwt_metrics,
+        forgetting_metrics,
+        loss_metrics,
+        timing_metrics,
+    )
+    from avalanche.logging import CSVLogger, InteractiveLogger, TextLogger
+    from avalanche.training.plugins import EvaluationPlugin
+    from avalanche.training.supervised import Naive
+
+    from models import count_parameters, default_normalization, lora_layers
+    from strategies import FiniteLossPlugin, FreezeBatchNormPlugin, MergeLoRA, NonFiniteLossError
+    from strategies import ParameterCountPluginMetric
+
+    t_start = time.perf_counter()
+    if cfg["threads"]:
+        torch.set_num_threads(cfg["threads"])
+    device = _device(cfg["device"])
+    out = Path(cfg["out"])
+    out.mkdir(parents=True, exist_ok=True)
+
+    # the benchmark first (it needs only the config); pretrained weights may ask for their own normalisation
+    pretrained = cfg["backbone_weights"] is not None
+    bm = build_benchmark(cfg, default_normalization(cfg["backbone"], pretrained))
+    n_classes = bm.n_total_classes
+    classes_per_exp = n_classes // cfg["n_experiences"]
+    T = len(bm.train_stream)
+
+    random.seed(cfg["seed"])
+    np.random.seed(cfg["seed"])
+    torch.manual_seed(cfg["seed"])
+    model = build_model(cfg, n_classes, classes_per_exp)
+    bn = cfg["bn"] if cfg["bn"] != "auto" else ("frozen" if pretrained else "train")
+
+    plugins = [FiniteLossPlugin()] + ([FreezeBatchNormPlugin()] if bn == "frozen" else [])
+    log_file = open(out / "log.txt", "a")
+    csv_logger = CSVLogger(str(out / "csv"))
+    loggers = [TextLogger(log_file), csv_logger]
+    if cfg["progress"]:
+        loggers.insert(0, InteractiveLogger())
+    evaluator = EvaluationPlugin(
+        accuracy_metrics(epoch=True, experience=True, stream=True),
+        loss_metrics(epoch=True, experience=True, stream=True),
+        forgetting_metrics(experience=True, stream=True),
+        bwt_metrics(experience=True, stream=True),
+        timing_metrics(epoch=True, experience=True),
+        ParameterCountPluginMetric(),
+        loggers=loggers,
+    )
+    common = dict(
+        criterion=torch.nn.CrossEntropyLoss(), train_mb_size=cfg["batch_size"], train_epochs=cfg["epochs"],
+        eval_mb_size=cfg["eval_batch_size"], device=device, plugins=plugins, evaluator=evaluator,
+    )
+    lora_info = None
+    if cfg["method"] == "naive":
+        strategy = Naive(model=model, optimizer=_optimizer(cfg, model.parameters()), **common)
+    else:
+        target = _target(cfg["target_modules"])
+        if target == "auto":
+            target = auto_target_modules(cfg["backbone"])
+        strategy = MergeLoRA(
+            model=model, optimizer=_optimizer(cfg, model.parameters()), target_modules=target, r=cfg["r"],
+            alpha=cfg["alpha"], dropout=cfg["dropout"], conv_mode=cfg["conv_mode"],
+            exclude_modules=_target(cfg["exclude_modules"]), rslora=cfg["rslora"],
+            trainable_modules=r"head" if cfg["task_incremental"] else "auto", **common,
+        )
+        # inject now (the plugin would do it when training starts) so that bad targets fail before any work
+        strategy.merge_lora_plugin.before_training(strategy)
+        layer = lora_layers(model)[0][1]
+        lora_info = dict(r=layer.r, alpha=layer.alpha, scaling=layer.scaling, rslora=layer.rslora,
+                         dropout=cfg["dropout"], conv_mode=cfg["conv_mode"],
+                         target_modules=cfg["target_modules"], adapted_modules=[n for n, _ in lora_layers(model)])
+
+    results = dict(
+        config={k: v for k, v in cfg.items()},
+        benchmark=dict(
+            name=cfg["benchmark"], n_experiences=T, seed=cfg["seed"], data_source=bm.data_source,
+            scenario="task-incremental" if cfg["task_incremental"] else "class-incremental",
+            class_order=[int(c) for c in bm.classes_order_original_ids],
+            classes_per_experience=[sorted(int(c) for c in bm.original_classes_in_exp[i]) for i in range(T)],
+            train_sizes=[len(e.dataset) for e in bm.train_stream],
+            test_sizes=[len(e.dataset) for e in bm.test_stream],
+            normalization=[list(bm.normalization[0]), list(bm.normalization[1])],
+        ),
+        model=dict(backbone=cfg["backbone"], weights=cfg["backbone_weights"], bn=bn, device=str(device),
+                   parameters_before_training=count_parameters(model), lora=lora_info),
+        method=cfg["method"],
+        experiences_done=0,
+        accuracy_matrix=[],
+        parameters=[],
+        train_time_s=[],
+        eval_time_s=[],
+        avalanche={},
+        finished=False,
+    )
+    _write_json(out / "results.json", results)
+
+    try:
+        for i, exp in enumerate(bm.train_stream):
+            t0 = time.perf_counter()
+            strategy.train(exp, num_workers=cfg["num_workers"])
+            t1 = time.perf_counter()
+            eval_stream = bm.test_stream[: i + 1] if cfg["eval_on"] == "seen" else bm.test_stream
+            strategy.eval(eval_stream, num_workers=cfg["num_workers"])
+            t2 = time.perf_counter()
+            last = strategy.evaluator.get_last_metrics()
+            row: list = [None] * T
+            for name, value in last.items():
+                m = _ACC_RE.match(name)
+                if m and int(m.group(1)) < (i + 1 if cfg["eval_on"] == "seen" else T):
+                    row[int(m.group(1))] = float(value)
+            results["accuracy_matrix"].append(row)
+            results["parameters"].append(count_parameters(strategy.model))
+            results["train_time_s"].append(t1 - t0)
+            results["eval_time_s"].append(t2 - t1)
+            results["experiences_done"] = i + 1
+            results.update(summarize(results["accuracy_matrix"]))
+            results["avalanche"] = {
+                k: float(v) for k, v in last.items()
+                if k.startswith(("StreamForgetting", "StreamBWT", "Top1_Acc_Stream/eval_phase"))
+            }
+            results["wall_time_s"] = time.perf_counter() - t_start
+            _write_json(out / "results.json", results)
+        results["finished"] = True
+        _write_json(out / "results.json", results)
+    except NonFiniteLossError as e:  # keep every finished experience's results, say where it stopped
+        results["stopped"] = dict(reason=str(e), experience=e.experience, epoch=e.epoch, iteration=e.iteration)
+        _write_json(out / "results.json", results)
+        raise
+    finally:
+        csv_logger.close()
+        log_file.close()
+    return results
+
+
+def _print_summary(res: dict) -> None:
+    T = res["benchmark"]["n_experiences"]
+    print("\naccuracy matrix (row i: after training experience i; column j: test experience j)")
+    print("      " + " ".join(f"exp{j:<3d}" for j in range(T)))
+    for i, row in enumerate(res["accuracy_matrix"]):
+        print(f"after{i:<2d}" + " ".join("  -   " if v is None else f"{v:6.3f}" for v in row))
+    print(f"average accuracy: {res['final_average_accuracy']:.4f}  "
+          f"average forgetting: {res['average_forgetting'] if res['average_forgetting'] is None else round(res['average_forgetting'], 4)}")
+    p = res["parameters"][-1]
+    print(f"parameters: trainable {p['trainable']:,}  adapter {p['adapter']:,}  total {p['total']:,}")
+    print(f"wall time: {res['wall_time_s']:.1f} s")
+
+
+def main(argv=None) -> int:
+    try:
+        cfg = parse_config(argv)
+        res = run(cfg)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except FloatingPointError as e:
+        print(f"error: {e} Results of the finished experiences are in {cfg['out']}/results.json.", file=sys.stderr)
+        return 3
+    _print_summary(res)
+    print(f"results: {Path(cfg['out']) / 'results.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,12 @@
+"""LoRA layers, injection by name, merge/unmerge, adapter state dicts, parameter accounting, backbones."""
+
+from .backbones import *  # noqa: F401,F403
+from .backbones import __all__ as _backbones_all
+from .heads import *  # noqa: F401,F403
+from .heads import __all__ as _heads_all
+from .inject import *  # noqa: F401,F403
+from .inject import __all__ as _inject_all
+from .lora import *  # noqa: F401,F403
+from .lora import __all__ as _lora_all
+
+__all__ = [*_lora_all, *_inject_all, *_backbones_all, *_heads_all]

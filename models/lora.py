@@ -1,0 +1,233 @@
+"""LoRA layers that wrap a frozen base layer (Hu et al., "LoRA: Low-Rank Adaptation of Large Language Models",
+ICLR 2022).
+
+Each layer keeps the pretrained ``base_layer`` untouched (PEFT style: wrapping, not subclassing), adds a low-rank
+update ``ΔW = scaling · B A`` and exposes explicit :meth:`LoRALayer.merge` / :meth:`LoRALayer.unmerge`. Nothing
+happens on ``.eval()`` / ``.train()``: Avalanche toggles modes around every evaluation, so an implicit merge would
+keep rewriting the base weights.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["LoRALayer", "LoRALinear", "LoRAConv2d", "CONV_MODES", "lora_scaling"]
+
+CONV_MODES = ("kxk_1x1", "loralib")
+
+
+def lora_scaling(r: int, alpha: float | None, rslora: bool = False) -> float:
+    """The factor in front of ``B A``: ``alpha / r``, or ``alpha / sqrt(r)`` with rsLoRA (Kalajdzievski, 2023).
+
+    ``alpha=None`` means ``alpha = r`` (scale 1 without rsLoRA).
+    """
+    _check_rank_alpha(r, alpha)
+    alpha = float(r) if alpha is None else float(alpha)
+    return alpha / math.sqrt(r) if rslora else alpha / r
+
+
+def _check_rank_alpha(r, alpha) -> None:
+    if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
+        raise ValueError(f"LoRA rank r must be a positive integer, got {r!r}.")
+    if alpha is not None and not (float(alpha) > 0 and math.isfinite(float(alpha))):
+        raise ValueError(f"LoRA alpha must be a positive finite number (or None for alpha = r), got {alpha!r}.")
+
+
+class LoRALayer(nn.Module):
+    """Base class: a frozen ``base_layer`` plus trainable ``lora_A`` / ``lora_B``.
+
+    Subclasses define the parameter shapes, :meth:`delta_weight` and :meth:`_lora_forward`.
+
+    :param base_layer: the layer to adapt; its parameters are frozen (``requires_grad=False``).
+    :param r: rank of the update.
+    :param alpha: LoRA alpha; ``None`` means ``alpha = r`` (scale 1).
+    :param dropout: dropout probability on the adapter's input (0 keeps dropout off the path).
+    :param rslora: use ``alpha / sqrt(r)`` instead of ``alpha / r``.
+    """
+
+    def __init__(
+        self, base_layer: nn.Module, *, r: int, alpha: float | None = None, dropout: float = 0.0, rslora: bool = False
+    ):
+        super().__init__()
+        if not 0.0 <= float(dropout) < 1.0:
+            raise ValueError(f"LoRA dropout must be in [0, 1), got {dropout!r}.")
+        self.base_layer = base_layer
+        self.r = r
+        self.alpha = float(r) if alpha is None else float(alpha)
+        self.rslora = bool(rslora)
+        self.scaling = lora_scaling(r, alpha, rslora)
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.merged = False
+        for p in self.base_layer.parameters():
+            p.requires_grad_(False)
+
+    # -- to be provided by subclasses -------------------------------------------------------------------------
+    def delta_weight(self) -> Tensor:
+        """``scaling · B A`` in the base weight's shape (what :meth:`merge` adds)."""
+        raise NotImplementedError
+
+    def _lora_forward(self, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    # -- shared behaviour ---------------------------------------------------------------------------------------
+    def reset_lora_parameters(self) -> None:
+        """Fresh adapter for the next task: A Kaiming-uniform, B zeros, so ``ΔW = 0``.
+
+        Done in place, so an optimizer that holds ``lora_A`` / ``lora_B`` keeps training them (clear its state for
+        them if the previous task's moments must not carry over). If the layer was merged, the merged update stays
+        in the base weight for good and the layer counts as unmerged again.
+        """
+        with torch.no_grad():
+            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+            nn.init.zeros_(self.lora_B)
+        self.merged = False
+
+    def merge(self) -> None:
+        """Add ``delta_weight()`` into the base weight. Idempotent: a merged layer is left as it is."""
+        if self.merged:
+            return
+        with torch.no_grad():
+            w = self.base_layer.weight
+            w.add_(self.delta_weight().to(w.dtype))
+        self.merged = True
+
+    def unmerge(self) -> None:
+        """Subtract ``delta_weight()`` from the base weight. Idempotent: an unmerged layer is left as it is."""
+        if not self.merged:
+            return
+        with torch.no_grad():
+            w = self.base_layer.weight
+            w.sub_(self.delta_weight().to(w.dtype))
+        self.merged = False
+
+    def merge_and_reset(self) -> None:
+        """Merge, then start a fresh adapter (the incremental-merge protocol's end of task)."""
+        self.merge()
+        self.reset_lora_parameters()
+
+    def adapter_parameters(self) -> list[nn.Parameter]:
+        return [self.lora_A, self.lora_B]
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.base_layer(x)
+        if self.merged:
+            return out
+        return out + self._lora_forward(self.lora_dropout(x))
+
+    def extra_repr(self) -> str:
+        return f"r={self.r}, alpha={self.alpha:g}, scaling={self.scaling:g}, merged={self.merged}"
+
+
+class LoRALinear(LoRALayer):
+    """LoRA around an ``nn.Linear``: ``y = base(x) + scaling · B(A(dropout(x)))``.
+
+    ``lora_A`` has shape (r, in_features), ``lora_B`` (out_features, r).
+    """
+
+    def __init__(self, base_layer: nn.Linear, *, r: int, alpha=None, dropout=0.0, rslora=False):
+        if not isinstance(base_layer, nn.Linear):
+            raise TypeError(f"LoRALinear wraps nn.Linear, got {type(base_layer).__name__}.")
+        _check_rank_alpha(r, alpha)
+        d_out, d_in = base_layer.weight.shape
+        if r > min(d_in, d_out):
+            raise ValueError(
+                f"LoRA rank r={r} exceeds min(in_features, out_features) = {min(d_in, d_out)} of "
+                f"Linear({d_in}, {d_out}); use r <= {min(d_in, d_out)}."
+            )
+        super().__init__(base_layer, r=r, alpha=alpha, dropout=dropout, rslora=rslora)
+        w = base_layer.weight
+        self.lora_A = nn.Parameter(torch.empty(r, d_in, device=w.device, dtype=w.dtype))
+        self.lora_B = nn.Parameter(torch.empty(d_out, r, device=w.device, dtype=w.dtype))
+        self.reset_lora_parameters()
+
+    def delta_weight(self) -> Tensor:
+        return (self.lora_B @ self.lora_A) * self.scaling
+
+    def _lora_forward(self, x: Tensor) -> Tensor:
+        return F.linear(F.linear(x, self.lora_A), self.lora_B) * self.scaling
+
+
+class LoRAConv2d(LoRALayer):
+    """LoRA around an ``nn.Conv2d``, in one of two shapes (``conv_mode``):
+
+    * ``"kxk_1x1"`` (HF PEFT): A is a k×k conv in→r with the base conv's stride, padding, dilation and padding
+      mode; B is a 1×1 conv r→out. ``ΔW`` has rank ≤ r in its (out, in·k·k) unfolding. Grouped convs are supported
+      when ``r`` is a multiple of ``groups`` (A and B are then grouped too, so ``ΔW`` has the base weight's shape).
+    * ``"loralib"`` (microsoft/LoRA ``ConvLoRA``, used by the ConvLoRA papers): A is (r·k, in·k), B (out·k, r·k),
+      and ``B @ A`` is viewed as (out, in, k, k); its rank is ≤ r·k. Needs a square kernel and ``groups == 1``.
+      The forward pass convolves once with ``W + ΔW``.
+    """
+
+    def __init__(self, base_layer: nn.Conv2d, *, r: int, alpha=None, dropout=0.0, rslora=False, conv_mode="kxk_1x1"):
+        if not isinstance(base_layer, nn.Conv2d):
+            raise TypeError(f"LoRAConv2d wraps nn.Conv2d, got {type(base_layer).__name__}.")
+        if conv_mode not in CONV_MODES:
+            raise ValueError(f"Unknown conv_mode {conv_mode!r}; choose one of {', '.join(CONV_MODES)}.")
+        _check_rank_alpha(r, alpha)
+        out_c, in_per_group, kh, kw = base_layer.weight.shape
+        g = base_layer.groups
+        in_c = in_per_group * g
+        desc = f"Conv2d({in_c}, {out_c}, kernel_size=({kh}, {kw}), groups={g})"
+        if conv_mode == "loralib":
+            if g != 1:
+                raise ValueError(
+                    f"conv_mode='loralib' cannot adapt the grouped/depthwise {desc}: its (out·k, in·k) reshape is only "
+                    "valid for groups=1. Use conv_mode='kxk_1x1' or exclude this layer (exclude_modules)."
+                )
+            if kh != kw:
+                raise ValueError(f"conv_mode='loralib' needs a square kernel, got {desc}; use conv_mode='kxk_1x1'.")
+            if r > min(in_c, out_c):
+                raise ValueError(f"LoRA rank r={r} exceeds min(in, out) = {min(in_c, out_c)} of {desc} (loralib mode).")
+        else:
+            if r % g != 0:
+                raise ValueError(
+                    f"conv_mode='kxk_1x1' on the grouped {desc} needs r to be a multiple of groups={g}, got r={r}; "
+                    "or exclude this layer (exclude_modules)."
+                )
+            max_r = g * min(out_c // g, in_per_group * kh * kw)
+            if r > max_r:
+                raise ValueError(f"LoRA rank r={r} exceeds the largest rank {max_r} that {desc} allows; use r <= {max_r}.")
+        super().__init__(base_layer, r=r, alpha=alpha, dropout=dropout, rslora=rslora)
+        self.conv_mode = conv_mode
+        w = base_layer.weight
+        kw_ = dict(device=w.device, dtype=w.dtype)
+        if conv_mode == "loralib":
+            self.lora_A = nn.Parameter(torch.empty(r * kh, in_c * kh, **kw_))
+            self.lora_B = nn.Parameter(torch.empty(out_c * kh, r * kh, **kw_))
+        else:
+            self.lora_A = nn.Parameter(torch.empty(r, in_per_group, kh, kw, **kw_))
+            self.lora_B = nn.Parameter(torch.empty(out_c, r // g, 1, 1, **kw_))
+        self.reset_lora_parameters()
+
+    def delta_weight(self) -> Tensor:
+        w = self.base_layer.weight
+        if self.conv_mode == "loralib":
+            return (self.lora_B @ self.lora_A).view(w.shape) * self.scaling
+        g = self.base_layer.groups
+        out_c = w.shape[0]
+        # per group: B_g (out/g, r/g) @ A_g (r/g, in/g·k·k)
+        a = self.lora_A.reshape(g, self.r // g, -1)
+        b = self.lora_B.reshape(g, out_c // g, self.r // g)
+        return torch.bmm(b, a).reshape(w.shape) * self.scaling
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.conv_mode == "loralib" and not self.merged and isinstance(self.lora_dropout, nn.Identity):
+            # one convolution with W + ΔW instead of two passes over the input
+            base = self.base_layer
+            return base._conv_forward(x, base.weight + self.delta_weight(), base.bias)
+        return super().forward(x)
+
+    def _lora_forward(self, x: Tensor) -> Tensor:
+        base = self.base_layer
+        if self.conv_mode == "loralib":  # only reached with dropout on: dropout applies to the adapter's input
+            return base._conv_forward(x, self.delta_weight(), None)
+        # A reuses the base conv's stride/padding/dilation/padding_mode/groups; B is a 1×1 conv
+        h = base._conv_forward(x, self.lora_A, None)
+        return F.conv2d(h, self.lora_B, groups=base.groups) * self.scaling
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, conv_mode={self.conv_mode!r}"

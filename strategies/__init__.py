@@ -1,0 +1,12 @@
+"""Continual-learning methods as Avalanche plugins (``XPlugin``) with thin ``SupervisedTemplate`` strategies."""
+
+from .batchnorm import *  # noqa: F401,F403
+from .batchnorm import __all__ as _bn_all
+from .guards import *  # noqa: F401,F403
+from .guards import __all__ as _guards_all
+from .merge_lora import *  # noqa: F401,F403
+from .merge_lora import __all__ as _merge_all
+from .metrics import *  # noqa: F401,F403
+from .metrics import __all__ as _metrics_all
+
+__all__ = [*_bn_all, *_guards_all, *_merge_all, *_metrics_all]

@@ -1,0 +1,150 @@
+"""Merged incremental LoRA: train a fresh adapter per experience, merge it into the backbone at the end.
+
+Soutif-Cormerais, Magistri, van de Weijer, Bagdanov, "An Empirical Analysis of Forgetting in Pre-trained Models with
+Incremental Low-Rank Updates", CoLLAs 2024 (PMLR 274:996-1012), arXiv:2405.18069.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+from avalanche.core import SupervisedPlugin
+from avalanche.training.plugins.evaluation import default_evaluator
+from avalanche.training.templates import SupervisedTemplate
+from torch import nn
+
+from models.inject import Target, add_lora, lora_layers
+
+__all__ = ["MergeLoRAPlugin", "MergeLoRA"]
+
+
+class MergeLoRAPlugin(SupervisedPlugin, supports_distributed=True):
+    """Incremental low-rank updates with merging (Soutif-Cormerais et al., CoLLAs 2024).
+
+    For every experience: a fresh adapter (A Kaiming, B zeros) on each targeted layer trains together with the
+    classifier head while the backbone stays frozen; at the end of the experience the adapter is merged into the
+    base weight (``W <- W + scaling · B A``) and re-initialised for the next experience. Nothing is stored per task
+    and inference costs exactly the backbone's.
+
+    Adapters are injected in ``before_training`` (unless the model already has LoRA layers), that is before
+    Avalanche builds the optimizer's parameter list on the first experience, so the optimizer trains them. They are
+    re-initialised in place, so later experiences keep the same tensors; their optimizer state (momentum, Adam
+    moments) is cleared at the start of each experience so that nothing of the previous task's adapter carries over.
+
+    :param target_modules: layers to adapt (see :func:`models.add_lora`); may be ``None`` if the model already has
+        LoRA layers.
+    :param r: LoRA rank.
+    :param alpha: LoRA alpha (``None``: ``alpha = r``, scale 1).
+    :param dropout: adapter input dropout.
+    :param conv_mode: ``"kxk_1x1"`` or ``"loralib"``.
+    :param exclude_modules: layers never adapted.
+    :param rslora: scale ``alpha / sqrt(r)``.
+    :param trainable_modules: what trains besides the adapters (``"auto"``: the classifier head).
+    """
+
+    def __init__(
+        self,
+        *,
+        target_modules: Optional[Target] = None,
+        r: int = 8,
+        alpha: Optional[float] = None,
+        dropout: float = 0.0,
+        conv_mode: str = "kxk_1x1",
+        exclude_modules: Optional[Target] = None,
+        rslora: bool = False,
+        trainable_modules="auto",
+    ):
+        super().__init__()
+        self.lora_kwargs = dict(
+            target_modules=target_modules, r=r, alpha=alpha, dropout=dropout, conv_mode=conv_mode,
+            exclude_modules=exclude_modules, rslora=rslora, trainable_modules=trainable_modules,
+        )
+        self.adapted_modules: list[str] = []
+        self.merged_experiences: list[int] = []
+
+    def before_training(self, strategy, **kwargs):
+        model = strategy.model
+        if lora_layers(model):
+            self.adapted_modules = [n for n, _ in lora_layers(model)]
+            return
+        if self.lora_kwargs["target_modules"] is None:
+            raise ValueError("MergeLoRAPlugin: the model has no LoRA layers and no target_modules were given.")
+        self.adapted_modules = add_lora(model, **self.lora_kwargs)
+
+    def before_training_exp(self, strategy, **kwargs):
+        layers = lora_layers(strategy.model)
+        if not layers:
+            raise RuntimeError("MergeLoRAPlugin: the model lost its LoRA layers (was it replaced after injection?).")
+        in_opt = {id(p) for g in strategy.optimizer.param_groups for p in g["params"]}
+        params = [p for _, layer in layers for p in layer.adapter_parameters()]
+        missing = [n for n, layer in layers if any(id(p) not in in_opt for p in layer.adapter_parameters())]
+        if missing:
+            raise RuntimeError(
+                f"MergeLoRAPlugin: the optimizer does not hold the adapters of {missing[:5]}; build the strategy "
+                "with an optimizer over model.parameters() or let Avalanche's make_optimizer add them."
+            )
+        for p in params:  # a fresh adapter starts with fresh optimizer state
+            strategy.optimizer.state.pop(p, None)
+
+    def after_training_exp(self, strategy, **kwargs):
+        with torch.no_grad():
+            for _, layer in lora_layers(strategy.model):
+                layer.merge_and_reset()
+        self.merged_experiences.append(strategy.experience.current_experience)
+
+
+class MergeLoRA(SupervisedTemplate):
+    """Avalanche strategy for merged incremental LoRA: ``SupervisedTemplate`` plus :class:`MergeLoRAPlugin`.
+
+    Soutif-Cormerais et al., "An Empirical Analysis of Forgetting in Pre-trained Models with Incremental Low-Rank
+    Updates", CoLLAs 2024.
+
+    :param model: the backbone with its classifier head (adapters are added when training starts).
+    :param optimizer: an optimizer over ``model.parameters()`` (Avalanche adds the adapters to it).
+    :param target_modules, r, alpha, dropout, conv_mode, exclude_modules, rslora, trainable_modules: see
+        :class:`MergeLoRAPlugin`.
+    The remaining parameters are those of :class:`~avalanche.training.templates.SupervisedTemplate`.
+    """
+
+    def __init__(
+        self,
+        *,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        target_modules: Optional[Target] = None,
+        r: int = 8,
+        alpha: Optional[float] = None,
+        dropout: float = 0.0,
+        conv_mode: str = "kxk_1x1",
+        exclude_modules: Optional[Target] = None,
+        rslora: bool = False,
+        trainable_modules="auto",
+        criterion=nn.CrossEntropyLoss(),
+        train_mb_size: int = 1,
+        train_epochs: int = 1,
+        eval_mb_size: Optional[int] = None,
+        device="cpu",
+        plugins: Optional[Sequence[SupervisedPlugin]] = None,
+        evaluator=default_evaluator,
+        eval_every: int = -1,
+        **base_kwargs,
+    ):
+        self.merge_lora_plugin = MergeLoRAPlugin(
+            target_modules=target_modules, r=r, alpha=alpha, dropout=dropout, conv_mode=conv_mode,
+            exclude_modules=exclude_modules, rslora=rslora, trainable_modules=trainable_modules,
+        )
+        plugins = [self.merge_lora_plugin] + list(plugins or [])
+        super().__init__(
+            model=model,
+            optimizer=optimizer,
+            criterion=criterion,
+            train_mb_size=train_mb_size,
+            train_epochs=train_epochs,
+            eval_mb_size=train_mb_size if eval_mb_size is None else eval_mb_size,
+            device=device,
+            plugins=plugins,
+            evaluator=evaluator,
+            eval_every=eval_every,
+            **base_kwargs,
+        )

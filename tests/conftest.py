@@ -1,0 +1,50 @@
+"""Shared fixtures. Real data and weights come from $LOWRANK_CL_DATA / $LOWRANK_CL_WEIGHTS (never from a fixed
+path); without them those tests are skipped, unless $LOWRANK_CL_REQUIRE_SHARED=1 (CI) turns the skip into a failure."""
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+def _shared(env: str, rel: str) -> Path:
+    root = os.environ.get(env)
+    path = Path(root) / rel if root else None
+    if path is None or not path.exists():
+        msg = f"needs {rel} under ${env} (real data/weights are not in the repo)"
+        if os.environ.get("LOWRANK_CL_REQUIRE_SHARED") == "1":
+            pytest.fail(msg + "; LOWRANK_CL_REQUIRE_SHARED=1 makes this a failure")
+        pytest.skip(msg)
+    return path
+
+
+@pytest.fixture
+def cifar10_npz() -> Path:
+    return _shared("LOWRANK_CL_DATA", "cifar10.npz")
+
+
+@pytest.fixture
+def mnist_npz() -> Path:
+    return _shared("LOWRANK_CL_DATA", "mnist_10k.npz")
+
+
+@pytest.fixture
+def resnet32_weights() -> Path:
+    root = os.environ.get("LOWRANK_CL_WEIGHTS")
+    flat = Path(root) / "resnet32-d509ac18.th" if root else None
+    if flat is not None and flat.is_file():
+        return flat
+    return _shared("LOWRANK_CL_WEIGHTS", "cifar_resnet/resnet32-d509ac18.th")
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
