@@ -209,7 +209,14 @@ def _split_cifar(kind: str, n_classes: int, default_norm, n_experiences, *, seed
     else:
         from avalanche.benchmarks.datasets.external_datasets.cifar import get_cifar10_dataset, get_cifar100_dataset
 
-        train, test = (get_cifar10_dataset if kind == "cifar10" else get_cifar100_dataset)(dataset_root)
+        try:
+            train, test = (get_cifar10_dataset if kind == "cifar10" else get_cifar100_dataset)(dataset_root)
+        except OSError as e:  # no network (URLError), no space, ...
+            raise FileNotFoundError(
+                f"{kind} is not available offline and the download failed ({type(e).__name__}: {e}). Pass "
+                f"--data <{kind}.npz or ImageFolder dir>, set ${DATA_ENV} to a directory holding {kind}.npz, or "
+                "point --dataset-root at an existing torchvision copy."
+            ) from e
         source = f"torchvision:{dataset_root or 'default location'}"
     train = _subset_dataset(train, _per_class(subset, n_classes, n_experiences), seed or 0)
     test = _subset_dataset(test, _per_class(eval_subset, n_classes, n_experiences), seed or 0)

@@ -197,7 +197,13 @@ def cifar_resnet(depth: int = 32, num_classes: int = 10, weights: str | os.PathL
                 raise ValueError(f"{src} has sha256 {digest[:16]}..., not the published checkpoint; re-download it.")
             sd = _read_checkpoint(src)
         else:
-            sd = torch.hub.load_state_dict_from_url(src, map_location="cpu", check_hash=True, weights_only=True)
+            try:
+                sd = torch.hub.load_state_dict_from_url(src, map_location="cpu", check_hash=True, weights_only=True)
+            except OSError as e:  # no network
+                raise FileNotFoundError(
+                    f"Cannot download {src} ({type(e).__name__}: {e}); set ${WEIGHTS_ENV} to a directory holding "
+                    f"{_CIFAR_RESNET_FILES[depth]} or pass the file as weights=."
+                ) from e
             sd = {k.removeprefix("module."): v for k, v in sd["state_dict"].items()}
         return load_weights(model, sd, num_classes)
     return load_weights(model, weights, num_classes)

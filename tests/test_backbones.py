@@ -108,3 +108,12 @@ def test_load_weights_into_torchvision_model(tmp_path):
     torch.testing.assert_close(model.features[3].conv[0][0].weight, src.features[3].conv[0][0].weight)
     with pytest.raises(ValueError):
         load_weights(torchvision.models.resnet18(), path)
+
+
+def test_failed_weights_download_names_the_offline_option(monkeypatch):
+    monkeypatch.delenv("LOWRANK_CL_WEIGHTS", raising=False)
+    def offline(*a, **k):
+        raise OSError("Name or service not known")
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+    with pytest.raises(FileNotFoundError, match="LOWRANK_CL_WEIGHTS"):
+        cifar_resnet(32, 10, weights="pretrained")

@@ -156,3 +156,12 @@ def test_other_bad_benchmark_input(tmp_path, cifar_like):
         p2 = tmp_path / "small.npz"
         np.savez(p2, **_make_arrays(size=28))
         split_cifar10(5, seed=0, data=p2)
+
+
+def test_failed_download_names_the_offline_options(monkeypatch, tmp_path):
+    monkeypatch.delenv("LOWRANK_CL_DATA", raising=False)
+    def offline(root):
+        raise OSError("Name or service not known")
+    monkeypatch.setattr(av_cifar, "get_cifar10_dataset", offline)
+    with pytest.raises(FileNotFoundError, match="LOWRANK_CL_DATA"):
+        split_cifar10(5, seed=0, dataset_root=tmp_path)
