@@ -329,7 +329,7 @@ def run(cfg: dict) -> dict:
             trainable_modules=r"head" if cfg["task_incremental"] else "auto", **common,
         )
         # inject now (the plugin would do it when training starts) so that bad targets fail before any work
-        strategy.merge_lora_plugin.before_training(strategy)
+        strategy.method_plugin.before_training(strategy)
         layer = lora_layers(model)[0][1]
         lora_info = dict(r=layer.r, alpha=layer.alpha, scaling=layer.scaling, rslora=layer.rslora,
                          dropout=cfg["dropout"], conv_mode=cfg["conv_mode"],

@@ -80,6 +80,9 @@ def add_lora(
     *,
     rslora: bool = False,
     trainable_modules: Target | None | str = "auto",
+    linear_cls: type = LoRALinear,
+    conv_cls: type = LoRAConv2d,
+    layer_kwargs: dict | None = None,
 ) -> list[str]:
     """Wrap the targeted ``nn.Linear`` / ``nn.Conv2d`` modules of ``model`` in LoRA layers, in place.
 
@@ -97,6 +100,9 @@ def add_lora(
     :param rslora: scale by ``alpha / sqrt(r)``.
     :param trainable_modules: modules that stay trainable besides the adapters. ``"auto"`` (default) keeps the
         classifier head (:func:`find_head`) trainable; ``None`` freezes everything but the adapters.
+    :param linear_cls: the layer class for ``nn.Linear`` (a :class:`~models.lora.LoRALinear` variant).
+    :param conv_cls: the layer class for ``nn.Conv2d`` (a :class:`~models.lora.LoRAConv2d` variant).
+    :param layer_kwargs: extra keyword arguments for those classes (a method's own options).
     :returns: the names of the wrapped modules, in model order.
     :raises ValueError: nothing matched, a matched leaf module has an unsupported type, a module already has LoRA,
         or the rank / alpha / mode does not fit a layer.
@@ -140,11 +146,12 @@ def add_lora(
     wrapped = {}
     for name, module in targets:
         try:
+            extra = dict(layer_kwargs or {})
             if isinstance(module, nn.Linear):
-                wrapped[name] = LoRALinear(module, r=r, alpha=alpha, dropout=dropout, rslora=rslora)
+                wrapped[name] = linear_cls(module, r=r, alpha=alpha, dropout=dropout, rslora=rslora, **extra)
             else:
-                wrapped[name] = LoRAConv2d(
-                    module, r=r, alpha=alpha, dropout=dropout, rslora=rslora, conv_mode=conv_mode
+                wrapped[name] = conv_cls(
+                    module, r=r, alpha=alpha, dropout=dropout, rslora=rslora, conv_mode=conv_mode, **extra
                 )
         except ValueError as e:
             for w in wrapped.values():  # undo the freezing done by the wrappers built so far

@@ -65,13 +65,21 @@ class LoRALayer(nn.Module):
         for p in self.base_layer.parameters():
             p.requires_grad_(False)
 
-    # -- to be provided by subclasses -------------------------------------------------------------------------
-    def delta_weight(self) -> Tensor:
-        """``scaling · B A`` in the base weight's shape (what :meth:`merge` adds)."""
+    # -- the layer type's low-rank algebra, for any pair of factors (variants reuse it for banks, gates, ...) --
+    def _lora_delta(self, A: Tensor, B: Tensor) -> Tensor:
+        """Unscaled ``B A`` in the base weight's shape."""
         raise NotImplementedError
 
-    def _lora_forward(self, x: Tensor) -> Tensor:
+    def _lora_apply(self, x: Tensor, A: Tensor, B: Tensor) -> Tensor:
+        """Unscaled ``B A`` applied to ``x`` (same result as a base-layer pass with weight ``_lora_delta(A, B)``)."""
         raise NotImplementedError
+
+    def delta_weight(self) -> Tensor:
+        """``scaling · B A`` in the base weight's shape (what :meth:`merge` adds)."""
+        return self._lora_delta(self.lora_A, self.lora_B) * self.scaling
+
+    def _lora_forward(self, x: Tensor) -> Tensor:
+        return self._lora_apply(x, self.lora_A, self.lora_B) * self.scaling
 
     # -- shared behaviour ---------------------------------------------------------------------------------------
     def reset_lora_parameters(self) -> None:
@@ -144,11 +152,11 @@ class LoRALinear(LoRALayer):
         self.lora_B = nn.Parameter(torch.empty(d_out, r, device=w.device, dtype=w.dtype))
         self.reset_lora_parameters()
 
-    def delta_weight(self) -> Tensor:
-        return (self.lora_B @ self.lora_A) * self.scaling
+    def _lora_delta(self, A: Tensor, B: Tensor) -> Tensor:
+        return B @ A
 
-    def _lora_forward(self, x: Tensor) -> Tensor:
-        return F.linear(F.linear(x, self.lora_A), self.lora_B) * self.scaling
+    def _lora_apply(self, x: Tensor, A: Tensor, B: Tensor) -> Tensor:
+        return F.linear(F.linear(x, A), B)
 
 
 class LoRAConv2d(LoRALayer):
@@ -203,16 +211,22 @@ class LoRAConv2d(LoRALayer):
             self.lora_B = nn.Parameter(torch.empty(out_c, r // g, 1, 1, **kw_))
         self.reset_lora_parameters()
 
-    def delta_weight(self) -> Tensor:
+    def _lora_delta(self, A: Tensor, B: Tensor) -> Tensor:
         w = self.base_layer.weight
         if self.conv_mode == "loralib":
-            return (self.lora_B @ self.lora_A).view(w.shape) * self.scaling
+            return (B @ A).view(w.shape)
         g = self.base_layer.groups
-        out_c = w.shape[0]
-        # per group: B_g (out/g, r/g) @ A_g (r/g, in/g·k·k)
-        a = self.lora_A.reshape(g, self.r // g, -1)
-        b = self.lora_B.reshape(g, out_c // g, self.r // g)
-        return torch.bmm(b, a).reshape(w.shape) * self.scaling
+        # per group: B_g (out/g, r_g) @ A_g (r_g, in/g·k·k)
+        a = A.reshape(g, A.shape[0] // g, -1)
+        b = B.reshape(g, w.shape[0] // g, B.shape[1])
+        return torch.bmm(b, a).reshape(w.shape)
+
+    def _lora_apply(self, x: Tensor, A: Tensor, B: Tensor) -> Tensor:
+        base = self.base_layer
+        if self.conv_mode == "loralib":
+            return base._conv_forward(x, self._lora_delta(A, B), None)
+        # A reuses the base conv's stride/padding/dilation/padding_mode/groups; B is a 1×1 conv
+        return F.conv2d(base._conv_forward(x, A, None), B, groups=base.groups)
 
     def forward(self, x: Tensor) -> Tensor:
         if self.conv_mode == "loralib" and not self.merged and isinstance(self.lora_dropout, nn.Identity):
@@ -220,14 +234,6 @@ class LoRAConv2d(LoRALayer):
             base = self.base_layer
             return base._conv_forward(x, base.weight + self.delta_weight(), base.bias)
         return super().forward(x)
-
-    def _lora_forward(self, x: Tensor) -> Tensor:
-        base = self.base_layer
-        if self.conv_mode == "loralib":  # only reached with dropout on: dropout applies to the adapter's input
-            return base._conv_forward(x, self.delta_weight(), None)
-        # A reuses the base conv's stride/padding/dilation/padding_mode/groups; B is a 1×1 conv
-        h = base._conv_forward(x, self.lora_A, None)
-        return F.conv2d(h, self.lora_B, groups=base.groups) * self.scaling
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, conv_mode={self.conv_mode!r}"

@@ -6,7 +6,9 @@ from .guards import *  # noqa: F401,F403
 from .guards import __all__ as _guards_all
 from .merge_lora import *  # noqa: F401,F403
 from .merge_lora import __all__ as _merge_all
+from .per_task_lora import *  # noqa: F401,F403
+from .per_task_lora import __all__ as _per_task_all
 from .metrics import *  # noqa: F401,F403
 from .metrics import __all__ as _metrics_all
 
-__all__ = [*_bn_all, *_guards_all, *_merge_all, *_metrics_all]
+__all__ = [*_bn_all, *_guards_all, *_merge_all, *_metrics_all, *_per_task_all]

@@ -130,11 +130,11 @@ class MergeLoRA(SupervisedTemplate):
         eval_every: int = -1,
         **base_kwargs,
     ):
-        self.merge_lora_plugin = MergeLoRAPlugin(
+        self.method_plugin = MergeLoRAPlugin(
             target_modules=target_modules, r=r, alpha=alpha, dropout=dropout, conv_mode=conv_mode,
             exclude_modules=exclude_modules, rslora=rslora, trainable_modules=trainable_modules,
         )
-        plugins = [self.merge_lora_plugin] + list(plugins or [])
+        plugins = [self.method_plugin] + list(plugins or [])
         super().__init__(
             model=model,
             optimizer=optimizer,

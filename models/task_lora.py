@@ -1,0 +1,162 @@
+"""Per-task LoRA: one adapter per task on each layer, routed per sample by task label.
+
+The layer trains one *current* adapter (``lora_A`` / ``lora_B``, the same tensors for every task, so optimizers
+keep them); at the end of a task a frozen copy goes into a bank keyed by the task id. A sample with task label t
+uses bank entry t, or the current adapter while t is being trained. Earlier tasks' outputs are therefore
+bit-identical after later tasks train (the base weight, their adapter and their head are all frozen).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import Tensor, nn
+
+from .lora import LoRAConv2d, LoRALinear
+
+__all__ = ["TaskLoRAMixin", "TaskLoRALinear", "TaskLoRAConv2d", "TaskBatchNorm", "set_task_routing", "task_layers"]
+
+
+def _routing_groups(labels, batch: int):
+    """``[(task, mask or None)]``: one group without a mask when the whole batch has one task."""
+    if labels is None:
+        raise RuntimeError(
+            "No task labels are routed to this per-task layer; call models.set_task_routing(model, labels) before "
+            "the forward pass (PerTaskLoRAPlugin does it from the mini-batch's task labels)."
+        )
+    if isinstance(labels, int):
+        return [(labels, None)]
+    if labels.numel() != batch:
+        raise RuntimeError(f"{labels.numel()} routed task labels for a batch of {batch}.")
+    uniq = torch.unique(labels).tolist()
+    if len(uniq) == 1:
+        return [(int(uniq[0]), None)]
+    return [(int(t), labels == t) for t in uniq]
+
+
+class TaskLoRAMixin:
+    """Adds a frozen bank of earlier tasks' adapters and per-sample routing to a LoRA layer."""
+
+    def _init_tasks(self) -> None:
+        self.bank_A = nn.ParameterDict()
+        self.bank_B = nn.ParameterDict()
+        self.current_task: int | None = None
+        self.task_labels = None  # int or LongTensor (batch,), set by set_task_routing
+
+    def trained_tasks(self) -> list[int]:
+        return sorted(int(k) for k in self.bank_A.keys())
+
+    def store_adapter(self, task: int) -> None:
+        """Freeze a copy of the current adapter as task ``task``'s."""
+        self.bank_A[str(task)] = nn.Parameter(self.lora_A.detach().clone(), requires_grad=False)
+        self.bank_B[str(task)] = nn.Parameter(self.lora_B.detach().clone(), requires_grad=False)
+
+    def _factors(self, task: int):
+        key = str(task)
+        if key in self.bank_A:
+            return self.bank_A[key], self.bank_B[key]
+        if task == self.current_task:
+            return self.lora_A, self.lora_B
+        raise ValueError(
+            f"Task label {task} was never trained (trained tasks: {self.trained_tasks()}"
+            f"{'' if self.current_task is None else f', training: {self.current_task}'}); per-task LoRA has no "
+            "adapter for it."
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.base_layer(x)
+        groups = _routing_groups(self.task_labels, x.shape[0])
+        x = self.lora_dropout(x)
+        if len(groups) == 1:
+            A, B = self._factors(groups[0][0])
+            return out + self._lora_apply(x, A, B) * self.scaling
+        delta = torch.zeros_like(out)
+        for task, mask in groups:
+            A, B = self._factors(task)
+            delta[mask] = self._lora_apply(x[mask], A, B) * self.scaling
+        return out + delta
+
+    def merge(self) -> None:
+        raise RuntimeError("Per-task adapters stay separate (one per task); they are not merged into the base weight.")
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # a saved model may hold more tasks than this fresh one: create their bank entries first
+        for bank in ("bank_A", "bank_B"):
+            for key in state_dict:
+                if key.startswith(f"{prefix}{bank}."):
+                    task = key[len(f"{prefix}{bank}."):]
+                    if "." not in task and task not in getattr(self, bank):
+                        getattr(self, bank)[task] = nn.Parameter(torch.empty_like(state_dict[key]), requires_grad=False)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+class TaskLoRALinear(TaskLoRAMixin, LoRALinear):
+    """:class:`~models.lora.LoRALinear` with one adapter per task (see :mod:`models.task_lora`)."""
+
+    def __init__(self, base_layer: nn.Linear, **kwargs):
+        super().__init__(base_layer, **kwargs)
+        self._init_tasks()
+
+
+class TaskLoRAConv2d(TaskLoRAMixin, LoRAConv2d):
+    """:class:`~models.lora.LoRAConv2d` with one adapter per task (see :mod:`models.task_lora`)."""
+
+    def __init__(self, base_layer: nn.Conv2d, **kwargs):
+        super().__init__(base_layer, **kwargs)
+        self._init_tasks()
+
+
+class TaskBatchNorm(nn.Module):
+    """Per-task copies of a BatchNorm layer (the effects-of-LoRA study keeps them): the wrapped ``bn`` evolves while
+    tasks train, a frozen snapshot is stored per task, and samples are routed to their task's snapshot."""
+
+    def __init__(self, bn: nn.modules.batchnorm._BatchNorm):
+        super().__init__()
+        self.bn = bn
+        self.bank = nn.ModuleDict()
+        self.current_task: int | None = None
+        self.task_labels = None
+
+    def store(self, task: int) -> None:
+        snap = copy.deepcopy(self.bn).eval()
+        for p in snap.parameters():
+            p.requires_grad_(False)
+        self.bank[str(task)] = snap
+
+    def _layer(self, task: int) -> nn.Module:
+        if str(task) in self.bank:
+            return self.bank[str(task)]
+        if task == self.current_task:
+            return self.bn
+        raise ValueError(f"Task label {task} was never trained; no BatchNorm copy for it "
+                         f"(trained: {sorted(int(k) for k in self.bank)}).")
+
+    def forward(self, x: Tensor) -> Tensor:
+        groups = _routing_groups(self.task_labels, x.shape[0])
+        if len(groups) == 1:
+            return self._layer(groups[0][0])(x)
+        out = torch.empty_like(x)
+        for task, mask in groups:
+            out[mask] = self._layer(task)(x[mask])
+        return out
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        for key in state_dict:
+            if key.startswith(f"{prefix}bank."):
+                task = key[len(f"{prefix}bank."):].split(".")[0]
+                if task not in self.bank:
+                    self.store(int(task))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+def task_layers(model: nn.Module) -> list[nn.Module]:
+    return [m for m in model.modules() if isinstance(m, (TaskLoRAMixin, TaskBatchNorm))]
+
+
+def set_task_routing(model: nn.Module, labels: int | Tensor | None) -> None:
+    """Route the next forward passes: every sample (``int``) or each sample (``LongTensor``) to its task."""
+    if isinstance(labels, Tensor):
+        labels = labels.to(torch.long)
+    for m in task_layers(model):
+        m.task_labels = labels
