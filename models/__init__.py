@@ -10,7 +10,9 @@ from .inject import *  # noqa: F401,F403
 from .inject import __all__ as _inject_all
 from .lora import *  # noqa: F401,F403
 from .lora import __all__ as _lora_all
+from .stiefel_lora import *  # noqa: F401,F403
+from .stiefel_lora import __all__ as _stiefel_all
 from .task_lora import *  # noqa: F401,F403
 from .task_lora import __all__ as _task_all
 
-__all__ = [*_lora_all, *_inject_all, *_backbones_all, *_heads_all, *_task_all, *_gate_all]
+__all__ = [*_lora_all, *_inject_all, *_backbones_all, *_heads_all, *_task_all, *_gate_all, *_stiefel_all]

@@ -4,6 +4,8 @@ from .batchnorm import *  # noqa: F401,F403
 from .batchnorm import __all__ as _bn_all
 from .codyra import *  # noqa: F401,F403
 from .codyra import __all__ as _codyra_all
+from .eblora import *  # noqa: F401,F403
+from .eblora import __all__ as _eblora_all
 from .guards import *  # noqa: F401,F403
 from .guards import __all__ as _guards_all
 from .merge_lora import *  # noqa: F401,F403
@@ -13,4 +15,4 @@ from .per_task_lora import __all__ as _per_task_all
 from .metrics import *  # noqa: F401,F403
 from .metrics import __all__ as _metrics_all
 
-__all__ = [*_bn_all, *_guards_all, *_merge_all, *_metrics_all, *_per_task_all, *_codyra_all]
+__all__ = [*_bn_all, *_guards_all, *_merge_all, *_metrics_all, *_per_task_all, *_codyra_all, *_eblora_all]

@@ -1,0 +1,287 @@
+"""EBLoRA: energy-balanced LoRA on the restricted Stiefel manifold.
+
+Gu, Luo et al., "Spectral Imbalance Causes Forgetting in Low-Rank Continual Adaptation", ICML 2026,
+arXiv:2602.00722; official code haodotgu/EBLoRA.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+from avalanche.core import SupervisedPlugin
+from avalanche.models import avalanche_forward
+from avalanche.training.plugins.evaluation import default_evaluator
+from avalanche.training.templates import SupervisedTemplate
+from torch import nn
+from torch.utils.data import DataLoader
+
+from models.inject import Target, add_lora, count_parameters
+from models.stiefel_lora import StiefelLoRAConv2d, StiefelLoRALinear, StiefelLoRAMixin, polar
+
+__all__ = ["EBLoRAPlugin", "EBLoRA", "grow_subspace"]
+
+
+def grow_subspace(F: torch.Tensor, Gt: torch.Tensor, threshold: float) -> torch.Tensor:
+    """GPM-style growth of the orthonormal basis ``F`` (d × k) so that it captures ``threshold`` of the energy of
+    ``Gt`` (d × m): for an empty F the top singular vectors reaching the threshold; otherwise the top directions of
+    the residual ``Gt - F Fᵀ Gt`` until the captured energy of ``Gt`` reaches it. Capped at d columns."""
+    total = float((Gt ** 2).sum())
+    d = Gt.shape[0]
+    if total == 0.0 or F.shape[1] >= d:
+        return F
+    R = Gt - F @ (F.T @ Gt) if F.shape[1] else Gt
+    captured = total - float((R ** 2).sum())
+    if captured / total >= threshold:
+        return F
+    U, S, _ = torch.linalg.svd(R.double(), full_matrices=False)
+    acc = captured + torch.cumsum(S ** 2, 0)
+    k = int(torch.searchsorted(acc / total, torch.tensor(threshold, dtype=acc.dtype)).item()) + 1
+    k = min(k, d - F.shape[1], int((S > S[0] * 1e-6).sum()))
+    if k <= 0:
+        return F
+    new = torch.cat([F.double(), U[:, :k]], 1)
+    q, _ = torch.linalg.qr(new)  # keeps span and order, removes rounding
+    return q.to(F.dtype)
+
+
+class EBLoRAPlugin(SupervisedPlugin, supports_distributed=True):
+    """``ΔW = scaling · s · U Vᵀ`` with U, V orthonormal and V orthogonal to the earlier tasks' gradient subspace F.
+
+    Before each experience: the mean gradient G of the loss w.r.t. every adapted (frozen) weight is computed on a
+    ``grad_fraction`` subsample of the experience (eval mode, no augmentation); ``Gᵀ`` is projected off F and its
+    rank-r SVD ``Gᵀ ≈ P S Qᵀ`` sets V = P, U = Q; the magnitude starts at ``s = -(alpha0 + beta0 · l/(L-1))`` for
+    the l-th adapted layer (depth-aware energy scaling; the paper's configs use 0, so ΔW starts at 0).
+
+    Each step is Riemannian AdamW: before the strategy's optimizer step the gradients of U and V are projected on
+    the tangent space (and V's off F); after it, the update ``D = X_new - X_old`` is scaled by
+    ``sqrt(hidden_size / r)`` when ``hidden_size`` is given, projected on the tangent space (V's off F first) and
+    retracted with the polar decomposition. U and V stay orthonormal and V ⟂ F to rounding after every step; only s
+    carries the magnitude.
+
+    After each experience: merge, recompute G on the merged model and grow F (energy threshold), then restart the
+    adapter (s = 0).
+
+    Adapted from the paper's LLaVA setting: the loss is the strategy's cross-entropy over a classifier head; convs
+    (``kxk_1x1``, ungrouped) use the (out, in·k·k) unfolding, where F lives in the in·k·k input space; the paper's
+    shape-aware rescale uses its LLM's hidden size 4096, here ``hidden_size`` is an option (``None``: no rescale,
+    the learning rate already fits the small models).
+
+    :param target_modules, exclude_modules, trainable_modules: see :func:`models.add_lora`.
+    :param r: rank (paper: 16).
+    :param alpha: ``None`` means the paper's ``alpha = 2r`` (scaling 2).
+    :param energy_threshold: energy that F must capture (0.99).
+    :param grad_fraction: share of the experience's data used for the gradient passes (0.2).
+    :param alpha0, beta0: depth-aware initial magnitude (0, 0).
+    :param hidden_size: ``c`` in the ``sqrt(c / r)`` update rescale, or ``None``.
+    """
+
+    def __init__(
+        self,
+        *,
+        target_modules: Optional[Target] = None,
+        r: int = 16,
+        alpha: Optional[float] = None,
+        exclude_modules: Optional[Target] = None,
+        trainable_modules="auto",
+        energy_threshold: float = 0.99,
+        grad_fraction: float = 0.2,
+        alpha0: float = 0.0,
+        beta0: float = 0.0,
+        hidden_size: Optional[int] = None,
+        seed: int = 0,
+    ):
+        super().__init__()
+        if not 0 < energy_threshold <= 1:
+            raise ValueError(f"energy_threshold must be in (0, 1], got {energy_threshold}.")
+        if not 0 < grad_fraction <= 1:
+            raise ValueError(f"grad_fraction must be in (0, 1], got {grad_fraction}.")
+        self.lora_kwargs = dict(
+            target_modules=target_modules, r=r, alpha=2 * r if alpha is None else alpha, conv_mode="kxk_1x1",
+            exclude_modules=exclude_modules, trainable_modules=trainable_modules,
+            linear_cls=StiefelLoRALinear, conv_cls=StiefelLoRAConv2d,
+        )
+        self.energy_threshold, self.grad_fraction = energy_threshold, grad_fraction
+        self.alpha0, self.beta0, self.hidden_size, self.seed = alpha0, beta0, hidden_size, seed
+        self.adapted_modules: list[str] = []
+        self.subspace_history: list[dict[str, int]] = []
+        self._old: list = []
+
+    def _layers(self, model) -> list[StiefelLoRAMixin]:
+        return [m for m in model.modules() if isinstance(m, StiefelLoRAMixin)]
+
+    def prepare(self, model: nn.Module) -> None:
+        if self._layers(model):
+            self.adapted_modules = [n for n, m in model.named_modules() if isinstance(m, StiefelLoRAMixin)]
+            return
+        if self.lora_kwargs["target_modules"] is None:
+            raise ValueError("EBLoRAPlugin: the model has no Stiefel LoRA layers and no target_modules were given.")
+        self.adapted_modules = add_lora(model, **self.lora_kwargs)
+
+    def before_training(self, strategy, **kwargs):
+        self.prepare(strategy.model)
+
+    # -- gradients of the frozen weights --------------------------------------------------------------------
+    def mean_gradients(self, strategy) -> list[torch.Tensor]:
+        """Mean loss gradient w.r.t. each adapted base weight, as (d_out, d_in) matrices, on a fixed random
+        ``grad_fraction`` of the current experience (eval mode: no dropout, no BatchNorm update)."""
+        model, layers = strategy.model, self._layers(strategy.model)
+        data = strategy.experience.dataset.eval()
+        n = max(1, round(self.grad_fraction * len(data)))
+        g = torch.Generator().manual_seed(self.seed + strategy.experience.current_experience)
+        subset = data.subset(torch.randperm(len(data), generator=g)[:n].tolist())
+        loader = DataLoader(subset, batch_size=strategy.train_mb_size, shuffle=False)
+        weights = [m.base_layer.weight for m in layers]
+        flags = [w.requires_grad for w in weights]
+        was_training = model.training
+        model.eval()
+        for w in weights:
+            w.requires_grad_(True)
+            w.grad = None
+        try:
+            with torch.enable_grad():
+                for batch in loader:
+                    x, y = batch[0].to(strategy.device), batch[1].to(strategy.device)
+                    t = batch[-1].to(strategy.device)
+                    loss = strategy._criterion(avalanche_forward(model, x, t), y) * (len(x) / n)
+                    loss.backward()
+            grads = [w.grad.detach().reshape(w.shape[0], -1).clone() for w in weights]
+        finally:
+            for w, f in zip(weights, flags):
+                w.requires_grad_(f)
+            for p in model.parameters():
+                p.grad = None
+            model.train(was_training)
+        return grads
+
+    # -- experience start: SVD initialisation ---------------------------------------------------------------
+    @torch.no_grad()
+    def before_training_exp(self, strategy, **kwargs):
+        layers = self._layers(strategy.model)
+        grads = self.mean_gradients(strategy)
+        L = len(layers)
+        for l, (layer, G) in enumerate(zip(layers, grads)):
+            if layer.r > layer.free_dim():
+                raise ValueError(
+                    f"EBLoRA rank r={layer.r} is larger than the free dimension {layer.free_dim()} left by the "
+                    f"protected subspace of {self.adapted_modules[l]} ({layer.subspace.shape[1]} of {layer.fan_in} "
+                    "input directions); lower r or energy_threshold."
+                )
+            F = layer.subspace
+            Gt = G.T.to(torch.float64)
+            if F.numel():
+                F64 = F.to(torch.float64)
+                Gt = Gt - F64 @ (F64.T @ Gt)
+            if float(Gt.abs().max()) == 0.0:  # no signal here: keep a random orthonormal start
+                layer.reset_lora_parameters()
+            else:
+                P, _, Q = torch.svd_lowrank(Gt, q=layer.r, niter=4)
+                if F.numel():  # exact orthogonality to F, then orthonormal again
+                    P = P - F64 @ (F64.T @ P)
+                P, _ = torch.linalg.qr(P)
+                layer.set_factors(polar(Q).to(layer.lora_B.dtype), P.to(layer.lora_A.dtype))
+            layer.lora_scale.fill_(-(self.alpha0 + self.beta0 * l / max(L - 1, 1)))
+            layer.merged = False
+            for p in layer.adapter_parameters():
+                strategy.optimizer.state.pop(p, None)
+
+    # -- Riemannian AdamW around the strategy's optimizer step --------------------------------------------------
+    @torch.no_grad()
+    def before_update(self, strategy, **kwargs):
+        self._old = []
+        for layer in self._layers(strategy.model):
+            U, V, F = layer.U(), layer.V(), layer.subspace
+            self._old.append((U.clone(), V.clone()))
+            if layer.lora_B.grad is not None:
+                gU = layer.lora_B.grad.view(layer.fan_out, layer.r)
+                gU -= U @ (gU.T @ U)
+            if layer.lora_A.grad is not None:
+                gV = layer.lora_A.grad.view(layer.r, layer.fan_in).T  # a view: edits the gradient in place
+                if F.numel():
+                    gV -= F @ (F.T @ gV)
+                gV -= V @ (gV.T @ V)
+
+    @torch.no_grad()
+    def after_update(self, strategy, **kwargs):
+        for layer, (U0, V0) in zip(self._layers(strategy.model), self._old):
+            F = layer.subspace
+            c = math.sqrt(self.hidden_size / layer.r) if self.hidden_size else 1.0
+            D = (layer.U() - U0) * c
+            D -= U0 @ (D.T @ U0)
+            U = polar(U0 + D)
+            D = (layer.V() - V0) * c
+            if F.numel():
+                D -= F @ (F.T @ D)
+            D -= V0 @ (D.T @ V0)
+            M = V0 + D
+            if F.numel():
+                M -= F @ (F.T @ M)
+            layer.set_factors(U, polar(M))
+        self._old = []
+
+    # -- experience end: merge, grow F, restart ----------------------------------------------------------------
+    @torch.no_grad()
+    def after_training_exp(self, strategy, **kwargs):
+        layers = self._layers(strategy.model)
+        for layer in layers:
+            layer.merge()
+        grads = self.mean_gradients(strategy)
+        sizes = {}
+        for name, layer, G in zip(self.adapted_modules, layers, grads):
+            layer.subspace = grow_subspace(layer.subspace, G.T.to(layer.subspace.dtype), self.energy_threshold)
+            sizes[name] = layer.subspace.shape[1]
+            layer.lora_scale.zero_()  # the merged update now lives in the base weight
+            layer.merged = False
+        self.subspace_history.append(sizes)
+
+    def parameter_report(self, model: nn.Module) -> dict:
+        """``stored`` adds the subspaces F (needed to train further tasks); inference is the merged backbone."""
+        c = count_parameters(model)
+        f = sum(m.subspace.numel() for m in self._layers(model))
+        return dict(stored=c["total"] - c["adapter"] + f, inference=c["total"] - c["adapter"])
+
+
+class EBLoRA(SupervisedTemplate):
+    """Avalanche strategy: ``SupervisedTemplate`` plus :class:`EBLoRAPlugin` (Gu, Luo et al., ICML 2026).
+
+    Pass an AdamW optimizer over ``model.parameters()`` to follow the paper (its Riemannian projection and polar
+    retraction wrap that optimizer's step). The EBLoRA options are those of :class:`EBLoRAPlugin`.
+    """
+
+    def __init__(
+        self,
+        *,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        target_modules: Optional[Target] = None,
+        r: int = 16,
+        alpha: Optional[float] = None,
+        exclude_modules: Optional[Target] = None,
+        trainable_modules="auto",
+        energy_threshold: float = 0.99,
+        grad_fraction: float = 0.2,
+        alpha0: float = 0.0,
+        beta0: float = 0.0,
+        hidden_size: Optional[int] = None,
+        criterion=nn.CrossEntropyLoss(),
+        train_mb_size: int = 1,
+        train_epochs: int = 1,
+        eval_mb_size: Optional[int] = None,
+        device="cpu",
+        plugins: Optional[Sequence[SupervisedPlugin]] = None,
+        evaluator=default_evaluator,
+        eval_every: int = -1,
+        **base_kwargs,
+    ):
+        self.method_plugin = EBLoRAPlugin(
+            target_modules=target_modules, r=r, alpha=alpha, exclude_modules=exclude_modules,
+            trainable_modules=trainable_modules, energy_threshold=energy_threshold, grad_fraction=grad_fraction,
+            alpha0=alpha0, beta0=beta0, hidden_size=hidden_size,
+        )
+        super().__init__(
+            model=model, optimizer=optimizer, criterion=criterion, train_mb_size=train_mb_size,
+            train_epochs=train_epochs, eval_mb_size=train_mb_size if eval_mb_size is None else eval_mb_size,
+            device=device, plugins=[self.method_plugin] + list(plugins or []), evaluator=evaluator,
+            eval_every=eval_every, **base_kwargs,
+        )
