@@ -25,7 +25,7 @@ import numpy as np
 
 __all__ = ["main", "parse_config", "run", "METHODS", "BENCHMARKS", "DEFAULTS"]
 
-METHODS = ("naive", "merge_lora")
+METHODS = ("naive", "merge_lora", "per_task_lora", "codyra", "eblora")
 BENCHMARKS = ("split_cifar10", "split_cifar100", "arrays")
 
 DEFAULTS = dict(
@@ -49,6 +49,16 @@ DEFAULTS = dict(
     conv_mode="kxk_1x1",
     target_modules="auto",
     exclude_modules=None,
+    per_task_bn=False,
+    max_kappa=5e-3,
+    dense_fraction=0.5,
+    lambda_num=50,
+    gate_init="randn",
+    energy_threshold=0.99,
+    grad_fraction=0.2,
+    alpha0=0.0,
+    beta0=0.0,
+    hidden_size=None,
     bn="auto",
     epochs=1,
     batch_size=64,
@@ -67,7 +77,7 @@ DEFAULTS = dict(
 
 _CHOICES = dict(
     benchmark=BENCHMARKS, method=METHODS, conv_mode=("kxk_1x1", "loralib"), bn=("auto", "train", "frozen"),
-    optimizer=("sgd", "adam", "adamw"), eval_on=("seen", "all"), device=None,
+    optimizer=("sgd", "adam", "adamw"), eval_on=("seen", "all"), device=None, gate_init=("randn", "ones"),
 )
 
 
@@ -105,6 +115,16 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--conv-mode", choices=_CHOICES["conv_mode"], help="conv LoRA shape (default kxk_1x1)")
     g.add_argument("--target-modules", help="'auto', a regex (full match) or comma-separated name suffixes")
     g.add_argument("--exclude-modules", help="regex or comma-separated suffixes never adapted")
+    g.add_argument("--per-task-bn", action="store_true", help="per_task_lora: a BatchNorm copy per task")
+    g.add_argument("--max-kappa", type=float, help="codyra: final soft threshold (5e-3)")
+    g.add_argument("--dense-fraction", type=float, help="codyra: share of iterations without threshold (0.5)")
+    g.add_argument("--lambda-num", type=int, help="codyra: threshold steps (50)")
+    g.add_argument("--gate-init", choices=_CHOICES["gate_init"], help="codyra: gate init (randn)")
+    g.add_argument("--energy-threshold", type=float, help="eblora: energy kept in the subspace F (0.99)")
+    g.add_argument("--grad-fraction", type=float, help="eblora: data share for gradient passes (0.2)")
+    g.add_argument("--alpha0", type=float, help="eblora: depth-aware initial magnitude, base (0)")
+    g.add_argument("--beta0", type=float, help="eblora: depth-aware initial magnitude, slope (0)")
+    g.add_argument("--hidden-size", type=int, help="eblora: c in the sqrt(c/r) update rescale (off)")
     g = p.add_argument_group("training")
     g.add_argument("--epochs", type=int)
     g.add_argument("--batch-size", type=int)
@@ -231,6 +251,56 @@ def _optimizer(cfg, params):
     return cls(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
 
 
+def build_strategy(cfg: dict, model, common: dict):
+    """The Avalanche strategy of ``cfg["method"]`` (its plugin is ``strategy.method_plugin``)."""
+    from avalanche.training.supervised import Naive
+
+    from strategies import EBLoRA, CoDyRA, MergeLoRA, PerTaskLoRA
+
+    opt = _optimizer(cfg, model.parameters())
+    if cfg["method"] == "naive":
+        return Naive(model=model, optimizer=opt, **common)
+    target = _target(cfg["target_modules"])
+    lora = dict(
+        target_modules=auto_target_modules(cfg["backbone"]) if target == "auto" else target, r=cfg["r"],
+        alpha=cfg["alpha"], exclude_modules=_target(cfg["exclude_modules"]),
+        trainable_modules=r"head" if cfg["task_incremental"] else "auto",
+    )
+    conv = dict(dropout=cfg["dropout"], conv_mode=cfg["conv_mode"])
+    if cfg["method"] == "merge_lora":
+        return MergeLoRA(model=model, optimizer=opt, **lora, **conv, rslora=cfg["rslora"], **common)
+    if cfg["method"] == "per_task_lora":
+        return PerTaskLoRA(model=model, optimizer=opt, **lora, **conv, rslora=cfg["rslora"],
+                           per_task_bn=cfg["per_task_bn"], class_incremental=not cfg["task_incremental"], **common)
+    if cfg["method"] == "codyra":
+        return CoDyRA(model=model, optimizer=opt, **lora, **conv, max_kappa=cfg["max_kappa"],
+                      dense_fraction=cfg["dense_fraction"], lambda_num=cfg["lambda_num"], gate_init=cfg["gate_init"],
+                      **common)
+    if cfg["method"] == "eblora":
+        if cfg["conv_mode"] != "kxk_1x1":
+            raise ValueError("eblora works on the kxk_1x1 conv shape only; drop --conv-mode loralib.")
+        return EBLoRA(model=model, optimizer=opt, **lora, energy_threshold=cfg["energy_threshold"],
+                      grad_fraction=cfg["grad_fraction"], alpha0=cfg["alpha0"], beta0=cfg["beta0"],
+                      hidden_size=cfg["hidden_size"], **common)
+    raise ValueError(f"Unknown method {cfg['method']!r}; choose one of {', '.join(METHODS)}.")
+
+
+def parameter_report(strategy, model, task_incremental: bool) -> dict:
+    """Parameter counts after an experience: trainable/frozen/adapter/total, plus ``stored`` (what serves every
+    task so far) and ``inference`` (what one forward pass uses; one head in task-IL)."""
+    from models import TaskIncrementalClassifier, count_parameters
+
+    counts = count_parameters(model)
+    plugin = getattr(strategy, "method_plugin", None)
+    rep = plugin.parameter_report(model) if plugin is not None else dict(stored=counts["total"],
+                                                                          inference=counts["total"])
+    counts.update(stored=rep["stored"], inference=rep["inference"])
+    if task_incremental and isinstance(model, TaskIncrementalClassifier):
+        heads = [sum(p.numel() for p in h.parameters()) for h in model.head.classifiers.values()]
+        counts["inference"] -= sum(heads) - max(heads, default=0)
+    return counts
+
+
 def _write_json(path: Path, obj) -> None:
     tmp = path.with_suffix(".json.tmp")
     with open(tmp, "w") as f:
@@ -270,11 +340,8 @@ def run(cfg: dict) -> dict:
     )
     from avalanche.logging import CSVLogger, InteractiveLogger, TextLogger
     from avalanche.training.plugins import EvaluationPlugin
-    from avalanche.training.supervised import Naive
-
     from models import count_parameters, default_normalization, lora_layers
-    from strategies import FiniteLossPlugin, FreezeBatchNormPlugin, MergeLoRA, NonFiniteLossError
-    from strategies import ParameterCountPluginMetric
+    from strategies import FiniteLossPlugin, FreezeBatchNormPlugin, NonFiniteLossError, ParameterCountPluginMetric
 
     t_start = time.perf_counter()
     if cfg["threads"]:
@@ -294,7 +361,9 @@ def run(cfg: dict) -> dict:
     np.random.seed(cfg["seed"])
     torch.manual_seed(cfg["seed"])
     model = build_model(cfg, n_classes, classes_per_exp)
-    bn = cfg["bn"] if cfg["bn"] != "auto" else ("frozen" if pretrained else "train")
+    bn = cfg["bn"]
+    if bn == "auto":  # per-task BN copies exist to train; a pretrained backbone's shared BN must not drift
+        bn = "frozen" if pretrained and not cfg["per_task_bn"] else "train"
 
     plugins = [FiniteLossPlugin()] + ([FreezeBatchNormPlugin()] if bn == "frozen" else [])
     log_file = open(out / "log.txt", "a")
@@ -315,24 +384,14 @@ def run(cfg: dict) -> dict:
         criterion=torch.nn.CrossEntropyLoss(), train_mb_size=cfg["batch_size"], train_epochs=cfg["epochs"],
         eval_mb_size=cfg["eval_batch_size"], device=device, plugins=plugins, evaluator=evaluator,
     )
+    strategy = build_strategy(cfg, model, common)
     lora_info = None
-    if cfg["method"] == "naive":
-        strategy = Naive(model=model, optimizer=_optimizer(cfg, model.parameters()), **common)
-    else:
-        target = _target(cfg["target_modules"])
-        if target == "auto":
-            target = auto_target_modules(cfg["backbone"])
-        strategy = MergeLoRA(
-            model=model, optimizer=_optimizer(cfg, model.parameters()), target_modules=target, r=cfg["r"],
-            alpha=cfg["alpha"], dropout=cfg["dropout"], conv_mode=cfg["conv_mode"],
-            exclude_modules=_target(cfg["exclude_modules"]), rslora=cfg["rslora"],
-            trainable_modules=r"head" if cfg["task_incremental"] else "auto", **common,
-        )
+    if cfg["method"] != "naive":
         # inject now (the plugin would do it when training starts) so that bad targets fail before any work
-        strategy.method_plugin.before_training(strategy)
+        strategy.method_plugin.prepare(model)
         layer = lora_layers(model)[0][1]
         lora_info = dict(r=layer.r, alpha=layer.alpha, scaling=layer.scaling, rslora=layer.rslora,
-                         dropout=cfg["dropout"], conv_mode=cfg["conv_mode"],
+                         dropout=cfg["dropout"], conv_mode=getattr(layer, "conv_mode", cfg["conv_mode"]),
                          target_modules=cfg["target_modules"], adapted_modules=[n for n, _ in lora_layers(model)])
 
     results = dict(
@@ -353,6 +412,7 @@ def run(cfg: dict) -> dict:
         accuracy_matrix=[],
         parameters=[],
         train_time_s=[],
+        train_iterations=[],
         eval_time_s=[],
         avalanche={},
         finished=False,
@@ -374,8 +434,9 @@ def run(cfg: dict) -> dict:
                 if m and int(m.group(1)) < (i + 1 if cfg["eval_on"] == "seen" else T):
                     row[int(m.group(1))] = float(value)
             results["accuracy_matrix"].append(row)
-            results["parameters"].append(count_parameters(strategy.model))
+            results["parameters"].append(parameter_report(strategy, strategy.model, cfg["task_incremental"]))
             results["train_time_s"].append(t1 - t0)
+            results["train_iterations"].append(strategy.clock.train_exp_iterations)
             results["eval_time_s"].append(t2 - t1)
             results["experiences_done"] = i + 1
             results.update(summarize(results["accuracy_matrix"]))
@@ -383,6 +444,12 @@ def run(cfg: dict) -> dict:
                 k: float(v) for k, v in last.items()
                 if k.startswith(("StreamForgetting", "StreamBWT", "Top1_Acc_Stream/eval_phase"))
             }
+            results["train_step_time_s"] = sum(results["train_time_s"]) / max(1, sum(results["train_iterations"]))
+            plugin = getattr(strategy, "method_plugin", None)
+            if hasattr(plugin, "rank_history"):
+                results["rank_history"] = plugin.rank_history
+            if hasattr(plugin, "subspace_history"):
+                results["subspace_history"] = plugin.subspace_history
             results["wall_time_s"] = time.perf_counter() - t_start
             _write_json(out / "results.json", results)
         results["finished"] = True
@@ -406,7 +473,8 @@ def _print_summary(res: dict) -> None:
     print(f"average accuracy: {res['final_average_accuracy']:.4f}  "
           f"average forgetting: {res['average_forgetting'] if res['average_forgetting'] is None else round(res['average_forgetting'], 4)}")
     p = res["parameters"][-1]
-    print(f"parameters: trainable {p['trainable']:,}  adapter {p['adapter']:,}  total {p['total']:,}")
+    print(f"parameters: trainable {p['trainable']:,}  adapter {p['adapter']:,}  total {p['total']:,}  "
+          f"stored {p['stored']:,}  inference {p['inference']:,}")
     print(f"wall time: {res['wall_time_s']:.1f} s")
 
 

@@ -14,7 +14,7 @@ from avalanche.training.plugins.evaluation import default_evaluator
 from avalanche.training.templates import SupervisedTemplate
 from torch import nn
 
-from models.inject import Target, add_lora, lora_layers
+from models.inject import Target, add_lora, count_parameters, lora_layers
 
 __all__ = ["MergeLoRAPlugin", "MergeLoRA"]
 
@@ -63,14 +63,17 @@ class MergeLoRAPlugin(SupervisedPlugin, supports_distributed=True):
         self.adapted_modules: list[str] = []
         self.merged_experiences: list[int] = []
 
-    def before_training(self, strategy, **kwargs):
-        model = strategy.model
+    def prepare(self, model: nn.Module) -> None:
+        """Inject the adapters unless the model has LoRA layers; called in ``before_training``."""
         if lora_layers(model):
             self.adapted_modules = [n for n, _ in lora_layers(model)]
             return
         if self.lora_kwargs["target_modules"] is None:
             raise ValueError("MergeLoRAPlugin: the model has no LoRA layers and no target_modules were given.")
         self.adapted_modules = add_lora(model, **self.lora_kwargs)
+
+    def before_training(self, strategy, **kwargs):
+        self.prepare(strategy.model)
 
     def before_training_exp(self, strategy, **kwargs):
         layers = lora_layers(strategy.model)
@@ -92,6 +95,11 @@ class MergeLoRAPlugin(SupervisedPlugin, supports_distributed=True):
             for _, layer in lora_layers(strategy.model):
                 layer.merge_and_reset()
         self.merged_experiences.append(strategy.experience.current_experience)
+
+    def parameter_report(self, model: nn.Module) -> dict:
+        """Merged: the fresh adapters are training state only; serving needs the backbone and head."""
+        c = count_parameters(model)
+        return dict(stored=c["total"] - c["adapter"], inference=c["total"] - c["adapter"])
 
 
 class MergeLoRA(SupervisedTemplate):

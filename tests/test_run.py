@@ -150,3 +150,34 @@ def test_nan_loss_stops_with_experience_and_keeps_results(tmp_path, capsys):
     res = json.loads((out / "results.json").read_text())
     assert not res["finished"] and res["stopped"]["experience"] in (0, 1)
     assert res["experiences_done"] == res["stopped"]["experience"]
+
+
+@pytest.mark.parametrize("method", ["per_task_lora", "codyra", "eblora"])
+@pytest.mark.parametrize("task_il", [False, True], ids=["class-il", "task-il"])
+def test_every_method_runs_from_the_cli(tmp_path, capsys, method, task_il):
+    data = _made_data(tmp_path)
+    res, _, _ = _run(
+        tmp_path, capsys, "--benchmark", "arrays", "--data", str(data), "--n-experiences", "2", "--method", method,
+        "--backbone", "cifar_resnet20", "--batch-size", "8", "--r", "2", "--optimizer", "adamw", "--lr", "1e-3",
+        *(["--task-incremental"] if task_il else []),
+    )
+    assert res["finished"] and len(res["accuracy_matrix"]) == 2
+    p0, p1 = res["parameters"]
+    assert p1["inference"] <= p1["stored"]
+    if method == "per_task_lora":
+        assert p1["stored"] > p0["stored"]  # one more adapter set (and head in task-IL)
+    else:  # merged methods serve with the backbone alone (and, in task-IL, one of the two 64->2 heads)
+        assert p1["inference"] == p1["total"] - p1["adapter"] - (64 * 2 + 2 if task_il else 0)
+    if method == "codyra":
+        assert len(res["rank_history"]) == 2
+    if method == "eblora":
+        assert all(k > 0 for k in res["subspace_history"][0].values())
+    assert res["train_step_time_s"] > 0
+
+
+@pytest.mark.parametrize("name", ["default", "merge_lora", "naive", "per_task_lora", "codyra", "eblora"])
+def test_shipped_configs_parse(name):
+    from pathlib import Path
+
+    cfg = parse_config(["--config", str(Path(__file__).parents[1] / "experiments" / "configs" / f"{name}.yaml")])
+    assert cfg["method"] in ("merge_lora", "naive", "per_task_lora", "codyra", "eblora")
