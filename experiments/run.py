@@ -96,6 +96,8 @@ def _parser() -> argparse.ArgumentParser:
                                   "else download); required for --benchmark arrays")
     g.add_argument("--dataset-root", help="where Avalanche downloads CIFAR when no offline source is found")
     g.add_argument("--task-incremental", action="store_true", help="task labels and one head per task")
+    g.add_argument("--class-incremental", dest="task_incremental", action="store_false",
+                   help="no task labels, one head (the default; overrides a config's task_incremental)")
     g.add_argument("--seed", type=int, help="class order and initialisation (default 0)")
     g.add_argument("--subset", type=int, help="training images per experience (quick runs)")
     g.add_argument("--eval-subset", type=int, help="test images per experience (quick runs)")

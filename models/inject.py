@@ -19,6 +19,7 @@ from .lora import CONV_MODES, LoRAConv2d, LoRALayer, LoRALinear
 __all__ = [
     "add_lora",
     "merge_lora",
+    "merge_and_unload",
     "unmerge_lora",
     "reset_lora",
     "lora_layers",
@@ -185,6 +186,21 @@ def merge_lora(model: nn.Module) -> int:
     for _, layer in layers:
         layer.merge()
     return len(layers)
+
+
+def merge_and_unload(model: nn.Module) -> nn.Module:
+    """Merge every LoRA layer and put its base layer back in its place: no adapter parameter and no adapter code
+    is left on the forward path (PEFT's ``merge_and_unload``). Returns ``model`` (changed in place).
+
+    :raises RuntimeError: for layers that cannot merge (per-task adapters keep one update per task).
+    """
+    for name, layer in lora_layers(model):
+        layer.merge()
+        if name:
+            _set_submodule(model, name, layer.base_layer)
+        else:
+            return layer.base_layer
+    return model
 
 
 def unmerge_lora(model: nn.Module) -> int:
