@@ -160,13 +160,10 @@ def add_lora(
                     p.requires_grad_(True)
             raise ValueError(f"Cannot add LoRA to '{name}': {e}") from e
 
-    adapter_ids = set()
     for name, layer in wrapped.items():
         _set_submodule(model, name, layer)
-        adapter_ids.update(id(p) for p in layer.adapter_parameters())
-    for n, m in model.named_modules():
-        if isinstance(m, LoRALayer):
-            adapter_ids.update(id(p) for p in m.adapter_parameters())
+    # every adapter trains, including those of LoRA layers that were already in the model
+    adapter_ids = {id(p) for m in model.modules() if isinstance(m, LoRALayer) for p in m.adapter_parameters()}
     keep = set()
     if trainable_modules is not None:
         for n, m in model.named_modules():

@@ -1,5 +1,7 @@
 """Continual-learning methods as Avalanche plugins (``XPlugin``) with thin ``SupervisedTemplate`` strategies."""
 
+from .base import *  # noqa: F401,F403
+from .base import __all__ as _base_all
 from .batchnorm import *  # noqa: F401,F403
 from .batchnorm import __all__ as _bn_all
 from .codyra import *  # noqa: F401,F403
@@ -15,4 +17,4 @@ from .per_task_lora import __all__ as _per_task_all
 from .metrics import *  # noqa: F401,F403
 from .metrics import __all__ as _metrics_all
 
-__all__ = [*_bn_all, *_guards_all, *_merge_all, *_metrics_all, *_per_task_all, *_codyra_all, *_eblora_all]
+__all__ = [*_base_all, *_bn_all, *_guards_all, *_merge_all, *_metrics_all, *_per_task_all, *_codyra_all, *_eblora_all]

@@ -6,16 +6,16 @@ Dynamic Rank-Selective LoRA", arXiv:2412.01004; official code Artificer-AI-Lab/C
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 from avalanche.core import SupervisedPlugin
-from avalanche.training.plugins.evaluation import default_evaluator
-from avalanche.training.templates import SupervisedTemplate
 from torch import nn
 
 from models.gate_lora import GateLoRAConv2d, GateLoRALinear, GateLoRAMixin
 from models.inject import Target, add_lora, count_parameters
+
+from .base import MethodStrategy
 
 __all__ = ["CoDyRAPlugin", "CoDyRA"]
 
@@ -132,7 +132,7 @@ class CoDyRAPlugin(SupervisedPlugin, supports_distributed=True):
         return dict(stored=c["total"] - c["adapter"], inference=c["total"] - c["adapter"])
 
 
-class CoDyRA(SupervisedTemplate):
+class CoDyRA(MethodStrategy):
     """Avalanche strategy: ``SupervisedTemplate`` plus :class:`CoDyRAPlugin` (Lu et al., arXiv:2412.01004).
 
     The CoDyRA options are those of :class:`CoDyRAPlugin`; the rest those of ``SupervisedTemplate``. Pass an AdamW
@@ -155,24 +155,15 @@ class CoDyRA(SupervisedTemplate):
         dense_fraction: float = 0.5,
         lambda_num: int = 50,
         gate_init: str = "randn",
-        criterion=nn.CrossEntropyLoss(),
-        train_mb_size: int = 1,
-        train_epochs: int = 1,
-        eval_mb_size: Optional[int] = None,
-        device="cpu",
-        plugins: Optional[Sequence[SupervisedPlugin]] = None,
-        evaluator=default_evaluator,
-        eval_every: int = -1,
         **base_kwargs,
     ):
-        self.method_plugin = CoDyRAPlugin(
-            target_modules=target_modules, r=r, alpha=alpha, dropout=dropout, conv_mode=conv_mode,
-            exclude_modules=exclude_modules, trainable_modules=trainable_modules, max_kappa=max_kappa,
-            dense_fraction=dense_fraction, lambda_num=lambda_num, gate_init=gate_init,
-        )
         super().__init__(
-            model=model, optimizer=optimizer, criterion=criterion, train_mb_size=train_mb_size,
-            train_epochs=train_epochs, eval_mb_size=train_mb_size if eval_mb_size is None else eval_mb_size,
-            device=device, plugins=[self.method_plugin] + list(plugins or []), evaluator=evaluator,
-            eval_every=eval_every, **base_kwargs,
+            method_plugin=CoDyRAPlugin(
+                target_modules=target_modules, r=r, alpha=alpha, dropout=dropout, conv_mode=conv_mode,
+                exclude_modules=exclude_modules, trainable_modules=trainable_modules, max_kappa=max_kappa,
+                dense_fraction=dense_fraction, lambda_num=lambda_num, gate_init=gate_init,
+            ),
+            model=model,
+            optimizer=optimizer,
+            **base_kwargs,
         )

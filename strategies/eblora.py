@@ -7,18 +7,18 @@ arXiv:2602.00722; official code haodotgu/EBLoRA.
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 from avalanche.core import SupervisedPlugin
 from avalanche.models import avalanche_forward
-from avalanche.training.plugins.evaluation import default_evaluator
-from avalanche.training.templates import SupervisedTemplate
 from torch import nn
 from torch.utils.data import DataLoader
 
 from models.inject import Target, add_lora, count_parameters
 from models.stiefel_lora import StiefelLoRAConv2d, StiefelLoRALinear, StiefelLoRAMixin, polar
+
+from .base import MethodStrategy
 
 __all__ = ["EBLoRAPlugin", "EBLoRA", "grow_subspace"]
 
@@ -161,11 +161,11 @@ class EBLoRAPlugin(SupervisedPlugin, supports_distributed=True):
         layers = self._layers(strategy.model)
         grads = self.mean_gradients(strategy)
         L = len(layers)
-        for l, (layer, G) in enumerate(zip(layers, grads)):
+        for depth, (layer, G) in enumerate(zip(layers, grads)):
             if layer.r > layer.free_dim():
                 raise ValueError(
                     f"EBLoRA rank r={layer.r} is larger than the free dimension {layer.free_dim()} left by the "
-                    f"protected subspace of {self.adapted_modules[l]} ({layer.subspace.shape[1]} of {layer.fan_in} "
+                    f"protected subspace of {self.adapted_modules[depth]} ({layer.subspace.shape[1]} of {layer.fan_in} "
                     "input directions); lower r or energy_threshold."
                 )
             F = layer.subspace
@@ -181,7 +181,7 @@ class EBLoRAPlugin(SupervisedPlugin, supports_distributed=True):
                     P = P - F64 @ (F64.T @ P)
                 P, _ = torch.linalg.qr(P)
                 layer.set_factors(polar(Q).to(layer.lora_B.dtype), P.to(layer.lora_A.dtype))
-            layer.lora_scale.fill_(-(self.alpha0 + self.beta0 * l / max(L - 1, 1)))
+            layer.lora_scale.fill_(-(self.alpha0 + self.beta0 * depth / max(L - 1, 1)))
             layer.merged = False
             for p in layer.adapter_parameters():
                 strategy.optimizer.state.pop(p, None)
@@ -242,7 +242,7 @@ class EBLoRAPlugin(SupervisedPlugin, supports_distributed=True):
         return dict(stored=c["total"] - c["adapter"] + f, inference=c["total"] - c["adapter"])
 
 
-class EBLoRA(SupervisedTemplate):
+class EBLoRA(MethodStrategy):
     """Avalanche strategy: ``SupervisedTemplate`` plus :class:`EBLoRAPlugin` (Gu, Luo et al., ICML 2026).
 
     Pass an AdamW optimizer over ``model.parameters()`` to follow the paper (its Riemannian projection and polar
@@ -264,24 +264,15 @@ class EBLoRA(SupervisedTemplate):
         alpha0: float = 0.0,
         beta0: float = 0.0,
         hidden_size: Optional[int] = None,
-        criterion=nn.CrossEntropyLoss(),
-        train_mb_size: int = 1,
-        train_epochs: int = 1,
-        eval_mb_size: Optional[int] = None,
-        device="cpu",
-        plugins: Optional[Sequence[SupervisedPlugin]] = None,
-        evaluator=default_evaluator,
-        eval_every: int = -1,
         **base_kwargs,
     ):
-        self.method_plugin = EBLoRAPlugin(
-            target_modules=target_modules, r=r, alpha=alpha, exclude_modules=exclude_modules,
-            trainable_modules=trainable_modules, energy_threshold=energy_threshold, grad_fraction=grad_fraction,
-            alpha0=alpha0, beta0=beta0, hidden_size=hidden_size,
-        )
         super().__init__(
-            model=model, optimizer=optimizer, criterion=criterion, train_mb_size=train_mb_size,
-            train_epochs=train_epochs, eval_mb_size=train_mb_size if eval_mb_size is None else eval_mb_size,
-            device=device, plugins=[self.method_plugin] + list(plugins or []), evaluator=evaluator,
-            eval_every=eval_every, **base_kwargs,
+            method_plugin=EBLoRAPlugin(
+                target_modules=target_modules, r=r, alpha=alpha, exclude_modules=exclude_modules,
+                trainable_modules=trainable_modules, energy_threshold=energy_threshold, grad_fraction=grad_fraction,
+                alpha0=alpha0, beta0=beta0, hidden_size=hidden_size,
+            ),
+            model=model,
+            optimizer=optimizer,
+            **base_kwargs,
         )

@@ -6,15 +6,15 @@ Incremental Low-Rank Updates", CoLLAs 2024 (PMLR 274:996-1012), arXiv:2405.18069
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 from avalanche.core import SupervisedPlugin
-from avalanche.training.plugins.evaluation import default_evaluator
-from avalanche.training.templates import SupervisedTemplate
 from torch import nn
 
 from models.inject import Target, add_lora, count_parameters, lora_layers
+
+from .base import MethodStrategy
 
 __all__ = ["MergeLoRAPlugin", "MergeLoRA"]
 
@@ -102,7 +102,7 @@ class MergeLoRAPlugin(SupervisedPlugin, supports_distributed=True):
         return dict(stored=c["total"] - c["adapter"], inference=c["total"] - c["adapter"])
 
 
-class MergeLoRA(SupervisedTemplate):
+class MergeLoRA(MethodStrategy):
     """Avalanche strategy for merged incremental LoRA: ``SupervisedTemplate`` plus :class:`MergeLoRAPlugin`.
 
     Soutif-Cormerais et al., "An Empirical Analysis of Forgetting in Pre-trained Models with Incremental Low-Rank
@@ -128,31 +128,14 @@ class MergeLoRA(SupervisedTemplate):
         exclude_modules: Optional[Target] = None,
         rslora: bool = False,
         trainable_modules="auto",
-        criterion=nn.CrossEntropyLoss(),
-        train_mb_size: int = 1,
-        train_epochs: int = 1,
-        eval_mb_size: Optional[int] = None,
-        device="cpu",
-        plugins: Optional[Sequence[SupervisedPlugin]] = None,
-        evaluator=default_evaluator,
-        eval_every: int = -1,
         **base_kwargs,
     ):
-        self.method_plugin = MergeLoRAPlugin(
-            target_modules=target_modules, r=r, alpha=alpha, dropout=dropout, conv_mode=conv_mode,
-            exclude_modules=exclude_modules, rslora=rslora, trainable_modules=trainable_modules,
-        )
-        plugins = [self.method_plugin] + list(plugins or [])
         super().__init__(
+            method_plugin=MergeLoRAPlugin(
+                target_modules=target_modules, r=r, alpha=alpha, dropout=dropout, conv_mode=conv_mode,
+                exclude_modules=exclude_modules, rslora=rslora, trainable_modules=trainable_modules,
+            ),
             model=model,
             optimizer=optimizer,
-            criterion=criterion,
-            train_mb_size=train_mb_size,
-            train_epochs=train_epochs,
-            eval_mb_size=train_mb_size if eval_mb_size is None else eval_mb_size,
-            device=device,
-            plugins=plugins,
-            evaluator=evaluator,
-            eval_every=eval_every,
             **base_kwargs,
         )

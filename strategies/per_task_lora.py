@@ -7,17 +7,17 @@ Split CIFAR-100 with a VGG19-BN, one ConvLoRA/LoRA per task, per-task BatchNorm 
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 from avalanche.core import SupervisedPlugin
 from avalanche.models import avalanche_forward
-from avalanche.training.plugins.evaluation import default_evaluator
-from avalanche.training.templates import SupervisedTemplate
 from torch import nn
 
 from models.inject import Target, _set_submodule, add_lora, count_parameters
 from models.task_lora import TaskBatchNorm, TaskLoRAConv2d, TaskLoRALinear, TaskLoRAMixin, set_task_routing
+
+from .base import MethodStrategy
 
 __all__ = ["PerTaskLoRAPlugin", "PerTaskLoRA"]
 
@@ -31,8 +31,9 @@ class PerTaskLoRAPlugin(SupervisedPlugin, supports_distributed=True):
     trained is refused with a clear error.
 
     Class-incremental (``class_incremental=True``, no task label at test time): adapters are keyed by experience, and
-    each test sample is given the adapter whose head is most confident on its own classes (max softmax within the
-    task's classes), the other classes' logits being masked. This costs one forward pass per trained task.
+    each test sample is given the adapter under which the head is most confident in one of that task's classes (max
+    softmax probability over the whole head, taken on the task's classes), the other classes' logits being masked.
+    This costs one forward pass per trained task.
 
     :param target_modules, r, alpha, dropout, conv_mode, exclude_modules, rslora, trainable_modules: see
         :func:`models.add_lora`.
@@ -149,14 +150,16 @@ class PerTaskLoRAPlugin(SupervisedPlugin, supports_distributed=True):
 
     @torch.no_grad()
     def infer(self, model: nn.Module, x: torch.Tensor, task_labels=None) -> torch.Tensor:
-        """Class-incremental output: per sample, the logits of the task adapter most confident on its classes."""
+        """Class-incremental output: per sample, the logits under the task adapter that is most confident in one of
+        its own classes, other tasks' classes masked below them."""
         best_score, out = None, None
         for t in self._known_tasks():
             set_task_routing(model, t)
             logits = avalanche_forward(model, x, task_labels)
             cls = torch.tensor(self.task_classes[t], device=logits.device)
             sub = logits.index_select(1, cls)
-            score = sub.softmax(1).amax(1)
+            # confidence over the whole head (not only the task's classes, where two classes always share 1)
+            score = logits.softmax(1).index_select(1, cls).amax(1)
             # other tasks' classes sit below every kept logit (finite, so the eval loss stays finite)
             masked = (sub.amin(1, keepdim=True) - 1e3).expand_as(logits).clone()
             masked[:, cls] = sub
@@ -190,7 +193,7 @@ class PerTaskLoRAPlugin(SupervisedPlugin, supports_distributed=True):
         return dict(stored=stored, inference=inference, per_task=per_task)
 
 
-class PerTaskLoRA(SupervisedTemplate):
+class PerTaskLoRA(MethodStrategy):
     """Avalanche strategy: ``SupervisedTemplate`` plus :class:`PerTaskLoRAPlugin` (one LoRA/ConvLoRA per task).
 
     :param model: for task-incremental learning a :class:`~avalanche.models.MultiTaskModule` with one head per task
@@ -214,24 +217,15 @@ class PerTaskLoRA(SupervisedTemplate):
         trainable_modules="auto",
         per_task_bn: bool = False,
         class_incremental: bool = False,
-        criterion=nn.CrossEntropyLoss(),
-        train_mb_size: int = 1,
-        train_epochs: int = 1,
-        eval_mb_size: Optional[int] = None,
-        device="cpu",
-        plugins: Optional[Sequence[SupervisedPlugin]] = None,
-        evaluator=default_evaluator,
-        eval_every: int = -1,
         **base_kwargs,
     ):
-        self.method_plugin = PerTaskLoRAPlugin(
-            target_modules=target_modules, r=r, alpha=alpha, dropout=dropout, conv_mode=conv_mode,
-            exclude_modules=exclude_modules, rslora=rslora, trainable_modules=trainable_modules,
-            per_task_bn=per_task_bn, class_incremental=class_incremental,
-        )
         super().__init__(
-            model=model, optimizer=optimizer, criterion=criterion, train_mb_size=train_mb_size,
-            train_epochs=train_epochs, eval_mb_size=train_mb_size if eval_mb_size is None else eval_mb_size,
-            device=device, plugins=[self.method_plugin] + list(plugins or []), evaluator=evaluator,
-            eval_every=eval_every, **base_kwargs,
+            method_plugin=PerTaskLoRAPlugin(
+                target_modules=target_modules, r=r, alpha=alpha, dropout=dropout, conv_mode=conv_mode,
+                exclude_modules=exclude_modules, rslora=rslora, trainable_modules=trainable_modules,
+                per_task_bn=per_task_bn, class_incremental=class_incremental,
+            ),
+            model=model,
+            optimizer=optimizer,
+            **base_kwargs,
         )

@@ -181,3 +181,24 @@ def test_shipped_configs_parse(name):
 
     cfg = parse_config(["--config", str(Path(__file__).parents[1] / "experiments" / "configs" / f"{name}.yaml")])
     assert cfg["method"] in ("merge_lora", "naive", "per_task_lora", "codyra", "eblora")
+
+
+def test_report_table_from_two_runs(tmp_path, capsys):
+    from experiments.report import main as report_main
+
+    data = _made_data(tmp_path)
+    dirs = []
+    for method in ("merge_lora", "naive"):
+        out = tmp_path / method
+        assert main(["--benchmark", "arrays", "--data", str(data), "--n-experiences", "2", "--method", method,
+                     "--backbone", "cifar_resnet20", "--batch-size", "8", "--out", str(out), "--no-progress"]) == 0
+        dirs.append(out)
+    capsys.readouterr()
+    assert report_main([str(d) for d in dirs] + ["--relative-to", str(dirs[0])]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 4 and lines[1].startswith("|---")
+    cells = [c.strip() for c in lines[2].strip("|").split("|")]
+    res = json.loads((dirs[0] / "results.json").read_text())
+    assert cells[1] == "merge_lora" and cells[-1] == "1.00"
+    assert float(cells[3]) == pytest.approx(100 * res["final_average_accuracy"], abs=0.05)
+    assert report_main([str(tmp_path / "missing")]) == 2
