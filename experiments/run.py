@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["main", "parse_config", "run", "METHODS", "BENCHMARKS", "DEFAULTS"]
+__all__ = ["main", "parse_config", "run", "evaluate_checkpoint", "METHODS", "BENCHMARKS", "DEFAULTS"]
 
 METHODS = ("naive", "merge_lora", "per_task_lora", "codyra", "eblora")
 BENCHMARKS = ("split_cifar10", "split_cifar100", "arrays")
@@ -73,6 +73,7 @@ DEFAULTS = dict(
     num_workers=0,
     out=None,
     progress=True,
+    resume=False,
 )
 
 _CHOICES = dict(
@@ -142,6 +143,8 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--num-workers", type=int, help="data-loader workers (default 0)")
     g.add_argument("--out", help="output directory (default runs/<method>-<backbone>-seed<seed>)")
     g.add_argument("--no-progress", dest="progress", action="store_false", help="no interactive progress bars")
+    g.add_argument("--resume", action="store_true",
+                   help="continue from <out>/checkpoint.pt (written after every experience) with the same options")
     return p
 
 
@@ -171,6 +174,9 @@ def parse_config(argv=None) -> dict:
             raise ValueError(f"Unknown {key} {cfg[key]!r}; choose one of {', '.join(choices)}.")
     if cfg["n_experiences"] is None:
         cfg["n_experiences"] = 10 if cfg["benchmark"] == "split_cifar100" else 5
+    if cfg["task_incremental"] and cfg["eval_on"] == "all":
+        raise ValueError("--eval-on all cannot go with --task-incremental: tasks not trained yet have no head; "
+                         "use --eval-on seen.")
     if cfg["benchmark"] == "arrays" and not cfg["data"]:
         raise ValueError("--benchmark arrays needs --data <file.npz>.")
     for key in ("epochs", "batch_size", "eval_batch_size", "n_experiences"):
@@ -255,13 +261,11 @@ def _optimizer(cfg, params):
 
 def build_strategy(cfg: dict, model, common: dict):
     """The Avalanche strategy of ``cfg["method"]`` (its plugin is ``strategy.method_plugin``)."""
-    from avalanche.training.supervised import Naive
-
-    from strategies import EBLoRA, CoDyRA, MergeLoRA, PerTaskLoRA
+    from strategies import EBLoRA, CoDyRA, DistributedTemplate, MergeLoRA, PerTaskLoRA
 
     opt = _optimizer(cfg, model.parameters())
-    if cfg["method"] == "naive":
-        return Naive(model=model, optimizer=opt, **common)
+    if cfg["method"] == "naive":  # Avalanche's Naive is this template with no plugin; ours also runs under DDP
+        return DistributedTemplate(model=model, optimizer=opt, **common)
     target = _target(cfg["target_modules"])
     lora = dict(
         target_modules=auto_target_modules(cfg["backbone"]) if target == "auto" else target, r=cfg["r"],
@@ -340,17 +344,26 @@ def run(cfg: dict) -> dict:
         loss_metrics,
         timing_metrics,
     )
+    from avalanche.distributed import DistributedHelper
     from avalanche.logging import CSVLogger, InteractiveLogger, TextLogger
     from avalanche.training.plugins import EvaluationPlugin
+
     from models import count_parameters, default_normalization, lora_layers
+    from strategies import unwrap
+
+    from .checkpoint import load_checkpoint, save_checkpoint
     from strategies import FiniteLossPlugin, FreezeBatchNormPlugin, NonFiniteLossError, ParameterCountPluginMetric
 
     t_start = time.perf_counter()
     if cfg["threads"]:
         torch.set_num_threads(cfg["threads"])
-    device = _device(cfg["device"])
+    distributed = _init_distributed(cfg)
+    main_process = DistributedHelper.is_main_process
+    device = DistributedHelper.make_device() if distributed else _device(cfg["device"])
     out = Path(cfg["out"])
-    out.mkdir(parents=True, exist_ok=True)
+    if main_process:
+        out.mkdir(parents=True, exist_ok=True)
+    ckpt = load_checkpoint(out / "checkpoint.pt", cfg) if cfg["resume"] else None
 
     # the benchmark first (it needs only the config); pretrained weights may ask for their own normalisation
     pretrained = cfg["backbone_weights"] is not None
@@ -368,11 +381,14 @@ def run(cfg: dict) -> dict:
         bn = "frozen" if pretrained and not cfg["per_task_bn"] else "train"
 
     plugins = [FiniteLossPlugin()] + ([FreezeBatchNormPlugin()] if bn == "frozen" else [])
-    log_file = open(out / "log.txt", "a")
-    csv_logger = CSVLogger(str(out / "csv"))
-    loggers = [TextLogger(log_file), csv_logger]
-    if cfg["progress"]:
-        loggers.insert(0, InteractiveLogger())
+    start = 0 if ckpt is None else ckpt["experience"] + 1
+    loggers, log_file, csv_logger = [], None, None
+    if main_process:  # Avalanche's loggers refuse to exist on other ranks
+        log_file = open(out / "log.txt", "a")
+        csv_logger = CSVLogger(str(out / ("csv" if start == 0 else f"csv-resumed-at-{start}")))
+        loggers = [TextLogger(log_file), csv_logger]
+        if cfg["progress"]:
+            loggers.insert(0, InteractiveLogger())
     evaluator = EvaluationPlugin(
         accuracy_metrics(epoch=True, experience=True, stream=True),
         loss_metrics(epoch=True, experience=True, stream=True),
@@ -387,42 +403,53 @@ def run(cfg: dict) -> dict:
         eval_mb_size=cfg["eval_batch_size"], device=device, plugins=plugins, evaluator=evaluator,
     )
     strategy = build_strategy(cfg, model, common)
+    plugin = getattr(strategy, "method_plugin", None)
     lora_info = None
-    if cfg["method"] != "naive":
+    if plugin is not None:
         # inject now (the plugin would do it when training starts) so that bad targets fail before any work
-        strategy.method_plugin.prepare(model)
+        plugin.prepare(model)
         layer = lora_layers(model)[0][1]
         lora_info = dict(r=layer.r, alpha=layer.alpha, scaling=layer.scaling, rslora=layer.rslora,
                          dropout=cfg["dropout"], conv_mode=getattr(layer, "conv_mode", cfg["conv_mode"]),
                          target_modules=cfg["target_modules"], adapted_modules=[n for n, _ in lora_layers(model)])
 
-    results = dict(
-        config={k: v for k, v in cfg.items()},
-        benchmark=dict(
-            name=cfg["benchmark"], n_experiences=T, seed=cfg["seed"], data_source=bm.data_source,
-            scenario="task-incremental" if cfg["task_incremental"] else "class-incremental",
-            class_order=[int(c) for c in bm.classes_order_original_ids],
-            classes_per_experience=[sorted(int(c) for c in bm.original_classes_in_exp[i]) for i in range(T)],
-            train_sizes=[len(e.dataset) for e in bm.train_stream],
-            test_sizes=[len(e.dataset) for e in bm.test_stream],
-            normalization=[list(bm.normalization[0]), list(bm.normalization[1])],
-        ),
-        model=dict(backbone=cfg["backbone"], weights=cfg["backbone_weights"], bn=bn, device=str(device),
-                   parameters_before_training=count_parameters(model), lora=lora_info),
-        method=cfg["method"],
-        experiences_done=0,
-        accuracy_matrix=[],
-        parameters=[],
-        train_time_s=[],
-        train_iterations=[],
-        eval_time_s=[],
-        avalanche={},
-        finished=False,
-    )
-    _write_json(out / "results.json", results)
+    if ckpt is not None:
+        results = _restore(ckpt, strategy, model, plugin, bm, device)
+        results.setdefault("resumed_at", []).append(start)
+    else:
+        results = dict(
+            config={k: v for k, v in cfg.items()},
+            benchmark=dict(
+                name=cfg["benchmark"], n_experiences=T, seed=cfg["seed"], data_source=bm.data_source,
+                scenario="task-incremental" if cfg["task_incremental"] else "class-incremental",
+                class_order=[int(c) for c in bm.classes_order_original_ids],
+                classes_per_experience=[sorted(int(c) for c in bm.original_classes_in_exp[i]) for i in range(T)],
+                train_sizes=[len(e.dataset) for e in bm.train_stream],
+                test_sizes=[len(e.dataset) for e in bm.test_stream],
+                normalization=[list(bm.normalization[0]), list(bm.normalization[1])],
+            ),
+            model=dict(backbone=cfg["backbone"], weights=cfg["backbone_weights"], bn=bn, device=str(device),
+                       parameters_before_training=count_parameters(model), lora=lora_info),
+            method=cfg["method"],
+            experiences_done=0,
+            accuracy_matrix=[],
+            parameters=[],
+            train_time_s=[],
+            train_iterations=[],
+            eval_time_s=[],
+            avalanche={},
+            finished=False,
+        )
+        if distributed:
+            results["distributed"] = dict(world_size=DistributedHelper.world_size, backend=DistributedHelper.backend,
+                                          ranks_in_sync=[])
+    if main_process:
+        _write_json(out / "results.json", results)
 
     try:
         for i, exp in enumerate(bm.train_stream):
+            if i < start:
+                continue
             t0 = time.perf_counter()
             strategy.train(exp, num_workers=cfg["num_workers"])
             t1 = time.perf_counter()
@@ -436,7 +463,7 @@ def run(cfg: dict) -> dict:
                 if m and int(m.group(1)) < (i + 1 if cfg["eval_on"] == "seen" else T):
                     row[int(m.group(1))] = float(value)
             results["accuracy_matrix"].append(row)
-            results["parameters"].append(parameter_report(strategy, strategy.model, cfg["task_incremental"]))
+            results["parameters"].append(parameter_report(strategy, unwrap(strategy.model), cfg["task_incremental"]))
             results["train_time_s"].append(t1 - t0)
             results["train_iterations"].append(strategy.clock.train_exp_iterations)
             results["eval_time_s"].append(t2 - t1)
@@ -447,22 +474,120 @@ def run(cfg: dict) -> dict:
                 if k.startswith(("StreamForgetting", "StreamBWT", "Top1_Acc_Stream/eval_phase"))
             }
             results["train_step_time_s"] = sum(results["train_time_s"]) / max(1, sum(results["train_iterations"]))
-            plugin = getattr(strategy, "method_plugin", None)
             if hasattr(plugin, "rank_history"):
                 results["rank_history"] = plugin.rank_history
             if hasattr(plugin, "subspace_history"):
                 results["subspace_history"] = plugin.subspace_history
-            results["wall_time_s"] = time.perf_counter() - t_start
-            _write_json(out / "results.json", results)
+            if distributed:
+                results["distributed"]["ranks_in_sync"].append(_ranks_in_sync(unwrap(strategy.model)))
+            results["wall_time_s"] = results.get("wall_time_s_before_resume", 0.0) + time.perf_counter() - t_start
+            if main_process:
+                _write_json(out / "results.json", results)
+                save_checkpoint(out / "checkpoint.pt", cfg=cfg, experience=i, model=unwrap(strategy.model),
+                                optimizer=strategy.optimizer, plugin=plugin, clock=strategy.clock, results=results)
+            if distributed:
+                DistributedHelper.barrier()
         results["finished"] = True
-        _write_json(out / "results.json", results)
+        if main_process:
+            _write_json(out / "results.json", results)
     except NonFiniteLossError as e:  # keep every finished experience's results, say where it stopped
         results["stopped"] = dict(reason=str(e), experience=e.experience, epoch=e.epoch, iteration=e.iteration)
-        _write_json(out / "results.json", results)
+        if main_process:
+            _write_json(out / "results.json", results)
         raise
     finally:
-        csv_logger.close()
-        log_file.close()
+        if csv_logger is not None:
+            csv_logger.close()
+        if log_file is not None:
+            log_file.close()
+    return results
+
+
+def evaluate_checkpoint(cfg: dict) -> list:
+    """Accuracy of the model in ``<out>/checkpoint.pt`` on every test experience it was trained on, evaluated in
+    this single process (e.g. to check a distributed run's reported numbers)."""
+    import torch
+    from avalanche.evaluation.metrics import accuracy_metrics
+    from avalanche.training.plugins import EvaluationPlugin
+
+    from models import default_normalization
+
+    from .checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(Path(cfg["out"]) / "checkpoint.pt", cfg)
+    bm = build_benchmark(cfg, default_normalization(cfg["backbone"], cfg["backbone_weights"] is not None))
+    model = build_model(cfg, bm.n_total_classes, bm.n_total_classes // cfg["n_experiences"])
+    strategy = build_strategy(cfg, model, dict(
+        criterion=torch.nn.CrossEntropyLoss(), train_mb_size=cfg["batch_size"], eval_mb_size=cfg["eval_batch_size"],
+        device=_device(cfg["device"]), evaluator=EvaluationPlugin(accuracy_metrics(experience=True), loggers=[])))
+    plugin = getattr(strategy, "method_plugin", None)
+    if plugin is not None:
+        plugin.prepare(model)
+    _restore(ckpt, strategy, model, plugin, bm, strategy.device)
+    done = ckpt["experience"] + 1
+    strategy.eval(bm.test_stream[:done])
+    row = [None] * len(bm.test_stream)
+    for name, value in strategy.evaluator.get_last_metrics().items():
+        m = _ACC_RE.match(name)
+        if m:
+            row[int(m.group(1))] = float(value)
+    return row
+
+
+def _init_distributed(cfg: dict) -> bool:
+    """Join the torchrun process group when launched by torchrun (gloo on CPU, NCCL with CUDA)."""
+    from avalanche.distributed import DistributedHelper
+
+    if "LOCAL_RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) < 2:
+        return False
+    if not DistributedHelper.is_distributed:
+        use_cuda = cfg["device"] != "cpu"
+        if use_cuda and not __import__("torch").cuda.is_available():
+            raise ValueError("--device cuda was asked for but CUDA is not available here; use --device cpu.")
+        DistributedHelper.init_distributed(cfg["seed"], use_cuda=use_cuda)
+    return True
+
+
+def _ranks_in_sync(model) -> bool:
+    """Whether every rank holds bit-identical parameters and buffers; raises, naming the tensors, if not."""
+    import hashlib
+
+    from avalanche.distributed import DistributedHelper
+
+    mine = {k: hashlib.sha256(v.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
+            for k, v in model.state_dict().items()}
+    everyone = DistributedHelper.gather_all_objects(mine)
+    differ = sorted(k for k in mine if len({d.get(k) for d in everyone}) != 1)
+    if differ:
+        raise RuntimeError(f"Ranks hold different tensors after an experience: {differ[:10]}"
+                           f"{' ...' if len(differ) > 10 else ''} ({len(differ)} of {len(mine)}).")
+    return True
+
+
+def _restore(ckpt: dict, strategy, model, plugin, bm, device) -> dict:
+    """Bring a freshly built strategy to the state saved after experience ``ckpt['experience']``."""
+    from avalanche.models.utils import avalanche_model_adaptation
+
+    from .checkpoint import restore_optimizer, restore_rng
+
+    done = ckpt["experience"] + 1
+    model.train()
+    for exp in bm.train_stream[:done]:  # heads and task bookkeeping that Avalanche creates while training
+        avalanche_model_adaptation(model, exp)
+    try:
+        model.load_state_dict(ckpt["model"], strict=True)
+    except RuntimeError as e:
+        raise ValueError(f"Checkpoint model does not fit this run's model: {' '.join(str(e).split())[:400]}") from e
+    model.to(device)
+    strategy.make_optimizer(reset_optimizer_state=True)  # Avalanche's first call, made now so the state survives
+    restore_optimizer(strategy.optimizer, model, ckpt["optimizer"])
+    if plugin is not None:
+        plugin.load_state_dict(ckpt["plugin"])
+    for k, v in ckpt["clock"].items():
+        setattr(strategy.clock, k, v)
+    results = ckpt["results"]
+    results["wall_time_s_before_resume"] = results.get("wall_time_s", 0.0)
+    restore_rng(ckpt)  # last: nothing may draw random numbers between here and the next experience
     return results
 
 
@@ -490,8 +615,11 @@ def main(argv=None) -> int:
     except FloatingPointError as e:
         print(f"error: {e} Results of the finished experiences are in {cfg['out']}/results.json.", file=sys.stderr)
         return 3
-    _print_summary(res)
-    print(f"results: {Path(cfg['out']) / 'results.json'}")
+    from avalanche.distributed import DistributedHelper
+
+    if DistributedHelper.is_main_process:
+        _print_summary(res)
+        print(f"results: {Path(cfg['out']) / 'results.json'}")
     return 0
 
 

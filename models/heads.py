@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from avalanche.models import MultiHeadClassifier, MultiTaskModule
 from torch import nn
 
@@ -32,6 +33,14 @@ class TaskIncrementalClassifier(MultiTaskModule):
         self.head = MultiHeadClassifier(head.in_features, initial_out_features=initial_out_features)
 
     def forward(self, x, task_labels):
+        if not self.training and self.known_train_tasks_labels:
+            asked = {int(task_labels)} if isinstance(task_labels, int) else set(torch.unique(task_labels).tolist())
+            unknown = sorted(asked - self.known_train_tasks_labels)
+            if unknown:  # MultiHeadClassifier would silently answer with an untrained head
+                raise ValueError(
+                    f"Task label(s) {unknown} were never trained (trained: {sorted(self.known_train_tasks_labels)}); "
+                    "a task-incremental model has no head for them. Evaluate only trained tasks."
+                )
         return self.head(self.backbone(x), task_labels)
 
     def forward_single_task(self, x, task_label):

@@ -1,19 +1,91 @@
-"""The shared shape of our thin strategies: ``SupervisedTemplate`` with the method's plugin first."""
+"""The shared shape of our strategies: a ``SupervisedTemplate`` that stays correct under torchrun DDP, with the
+method's plugin first."""
 
 from __future__ import annotations
 
+import copy
 from typing import Optional, Sequence
 
 import torch
+from avalanche.benchmarks.utils.data_loader import SingleDatasetDataLoader, collate_from_data_or_kwargs
 from avalanche.core import SupervisedPlugin
+from avalanche.distributed import DistributedHelper
+from avalanche.models.dynamic_optimizers import update_optimizer
 from avalanche.training.plugins.evaluation import default_evaluator
 from avalanche.training.templates import SupervisedTemplate
 from torch import nn
 
-__all__ = ["MethodStrategy"]
+__all__ = ["DistributedTemplate", "MethodStrategy", "PluginStateMixin", "unwrap"]
 
 
-class MethodStrategy(SupervisedTemplate):
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model inside a ``DistributedDataParallel`` wrapper (or the model itself)."""
+    return DistributedHelper.unwrap_model(model)
+
+
+class PluginStateMixin:
+    """``state_dict()`` / ``load_state_dict()`` for a plugin's own bookkeeping (plain Python values), so that a
+    checkpoint restores it with the model. Subclasses list the attributes in ``_state_attrs``."""
+
+    _state_attrs: tuple = ()
+
+    def state_dict(self) -> dict:
+        return {k: copy.deepcopy(getattr(self, k)) for k in self._state_attrs}
+
+    def load_state_dict(self, state: dict) -> None:
+        missing = [k for k in self._state_attrs if k not in state]
+        if missing:
+            raise ValueError(f"{type(self).__name__} state lacks {missing} (saved by another method?).")
+        for k in self._state_attrs:
+            setattr(self, k, copy.deepcopy(state[k]))
+
+
+class DistributedTemplate(SupervisedTemplate):
+    """``SupervisedTemplate`` that trains correctly under ``torchrun`` (PyTorch DDP through Avalanche's
+    ``DistributedHelper``) while adapters and heads keep being added; identical to it in a single process.
+
+    Avalanche 0.6 shards the data but neither wraps the model nor reduces metrics, and a model wrapped once misses
+    parameters created later. So: after every model adaptation in training the model is unwrapped, adapted and
+    wrapped again (evaluation runs unwrapped); the optimizer is updated with the unwrapped model's parameter names;
+    rank 0's buffers (BatchNorm statistics) are broadcast at the end of each experience; and every rank evaluates the
+    whole eval stream (no ``DistributedSampler``), so the reported metrics equal a single-process evaluation. Used as Avalanche's naive fine-tuning by ``experiments.run``.
+    """
+
+    def model_adaptation(self, model=None):
+        model = unwrap(self.model if model is None else model)
+        model = super().model_adaptation(model)
+        if DistributedHelper.is_distributed and self.is_training:
+            model = DistributedHelper.wrap_model(model)
+        return model
+
+    def _after_training_exp(self, **kwargs):
+        if DistributedHelper.is_distributed:
+            # DDP syncs buffers at the start of a forward pass, so the last pass leaves each rank with its own
+            # BatchNorm statistics: take rank 0's before the plugins merge, store or evaluate anything
+            for b in unwrap(self.model).buffers():
+                torch.distributed.broadcast(b, src=0)
+        super()._after_training_exp(**kwargs)
+
+    def make_optimizer(self, reset_optimizer_state=False, remove_params=False, verbose_optimizer=False, **kwargs):
+        self.optimized_param_id = update_optimizer(
+            self.optimizer,
+            dict(unwrap(self.model).named_parameters()),
+            self.optimized_param_id,
+            reset_state=reset_optimizer_state,
+            remove_params=remove_params,
+            verbose=verbose_optimizer,
+        )
+
+    def make_eval_dataloader(self, num_workers=0, shuffle=False, pin_memory=None, persistent_workers=False, **kw):
+        args = self._obtain_common_dataloader_parameters(
+            batch_size=self.eval_mb_size, num_workers=num_workers, shuffle=shuffle, pin_memory=pin_memory,
+            persistent_workers=persistent_workers,
+        )
+        collate_from_data_or_kwargs(self.adapted_dataset, args)
+        self.dataloader = SingleDatasetDataLoader(self.adapted_dataset, distributed_sampling=False, **args)
+
+
+class MethodStrategy(DistributedTemplate):
     """``SupervisedTemplate`` whose plugin list starts with ``method_plugin`` (kept as ``self.method_plugin``).
 
     Subclasses build their plugin from their own keyword-only options and pass the template's arguments through.

@@ -15,12 +15,12 @@ from torch import nn
 from models.gate_lora import GateLoRAConv2d, GateLoRALinear, GateLoRAMixin
 from models.inject import Target, add_lora, count_parameters
 
-from .base import MethodStrategy
+from .base import MethodStrategy, PluginStateMixin, unwrap
 
 __all__ = ["CoDyRAPlugin", "CoDyRA"]
 
 
-class CoDyRAPlugin(SupervisedPlugin, supports_distributed=True):
+class CoDyRAPlugin(PluginStateMixin, SupervisedPlugin, supports_distributed=True):
     """Gate-LoRA on every targeted weight, ``ΔW = B diag(w) A``, with a proximal soft threshold on ``w``.
 
     Per experience (as in the official code): A, B and w train with the strategy's optimizer (the paper uses AdamW,
@@ -44,6 +44,8 @@ class CoDyRAPlugin(SupervisedPlugin, supports_distributed=True):
     :param lambda_num: number of threshold steps (50).
     :param gate_init: ``"randn"`` (official code) or ``"ones"``.
     """
+
+    _state_attrs = ("adapted_modules", "rank_history")
 
     def __init__(
         self,
@@ -80,7 +82,7 @@ class CoDyRAPlugin(SupervisedPlugin, supports_distributed=True):
         self._tau_every = 1
 
     def _layers(self, model):
-        return [(n, m) for n, m in model.named_modules() if isinstance(m, GateLoRAMixin)]
+        return [(n, m) for n, m in unwrap(model).named_modules() if isinstance(m, GateLoRAMixin)]
 
     def prepare(self, model: nn.Module) -> None:
         if self._layers(model):

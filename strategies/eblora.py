@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader
 from models.inject import Target, add_lora, count_parameters
 from models.stiefel_lora import StiefelLoRAConv2d, StiefelLoRALinear, StiefelLoRAMixin, polar
 
-from .base import MethodStrategy
+from .base import MethodStrategy, PluginStateMixin, unwrap
 
 __all__ = ["EBLoRAPlugin", "EBLoRA", "grow_subspace"]
 
@@ -46,7 +46,7 @@ def grow_subspace(F: torch.Tensor, Gt: torch.Tensor, threshold: float) -> torch.
     return q.to(F.dtype)
 
 
-class EBLoRAPlugin(SupervisedPlugin, supports_distributed=True):
+class EBLoRAPlugin(PluginStateMixin, SupervisedPlugin, supports_distributed=True):
     """``ΔW = scaling · s · U Vᵀ`` with U, V orthonormal and V orthogonal to the earlier tasks' gradient subspace F.
 
     Before each experience: the mean gradient G of the loss w.r.t. every adapted (frozen) weight is computed on a
@@ -76,6 +76,8 @@ class EBLoRAPlugin(SupervisedPlugin, supports_distributed=True):
     :param alpha0, beta0: depth-aware initial magnitude (0, 0).
     :param hidden_size: ``c`` in the ``sqrt(c / r)`` update rescale, or ``None``.
     """
+
+    _state_attrs = ("adapted_modules", "subspace_history")
 
     def __init__(
         self,
@@ -126,7 +128,8 @@ class EBLoRAPlugin(SupervisedPlugin, supports_distributed=True):
     def mean_gradients(self, strategy) -> list[torch.Tensor]:
         """Mean loss gradient w.r.t. each adapted base weight, as (d_out, d_in) matrices, on a fixed random
         ``grad_fraction`` of the current experience (eval mode: no dropout, no BatchNorm update)."""
-        model, layers = strategy.model, self._layers(strategy.model)
+        model = unwrap(strategy.model)  # plain forward/backward passes, outside DDP's gradient hooks
+        layers = self._layers(model)
         data = strategy.experience.dataset.eval()
         n = max(1, round(self.grad_fraction * len(data)))
         g = torch.Generator().manual_seed(self.seed + strategy.experience.current_experience)

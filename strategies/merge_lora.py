@@ -14,12 +14,12 @@ from torch import nn
 
 from models.inject import Target, add_lora, count_parameters, lora_layers
 
-from .base import MethodStrategy
+from .base import MethodStrategy, PluginStateMixin
 
 __all__ = ["MergeLoRAPlugin", "MergeLoRA"]
 
 
-class MergeLoRAPlugin(SupervisedPlugin, supports_distributed=True):
+class MergeLoRAPlugin(PluginStateMixin, SupervisedPlugin, supports_distributed=True):
     """Incremental low-rank updates with merging (Soutif-Cormerais et al., CoLLAs 2024).
 
     For every experience: a fresh adapter (A Kaiming, B zeros) on each targeted layer trains together with the
@@ -42,6 +42,8 @@ class MergeLoRAPlugin(SupervisedPlugin, supports_distributed=True):
     :param rslora: scale ``alpha / sqrt(r)``.
     :param trainable_modules: what trains besides the adapters (``"auto"``: the classifier head).
     """
+
+    _state_attrs = ("adapted_modules", "merged_experiences")
 
     def __init__(
         self,

@@ -17,12 +17,12 @@ from torch import nn
 from models.inject import Target, _set_submodule, add_lora, count_parameters
 from models.task_lora import TaskBatchNorm, TaskLoRAConv2d, TaskLoRALinear, TaskLoRAMixin, set_task_routing
 
-from .base import MethodStrategy
+from .base import MethodStrategy, PluginStateMixin
 
 __all__ = ["PerTaskLoRAPlugin", "PerTaskLoRA"]
 
 
-class PerTaskLoRAPlugin(SupervisedPlugin, supports_distributed=True):
+class PerTaskLoRAPlugin(PluginStateMixin, SupervisedPlugin, supports_distributed=True):
     """One LoRA adapter per task on every targeted Linear/Conv2d (both conv shapes); earlier adapters frozen.
 
     Task-incremental (default): the adapter is chosen by each sample's task label, in training and evaluation, and
@@ -41,6 +41,8 @@ class PerTaskLoRAPlugin(SupervisedPlugin, supports_distributed=True):
         current copy trains with the adapter.
     :param class_incremental: key adapters by experience and infer the task at evaluation (see above).
     """
+
+    _state_attrs = ("adapted_modules", "trained_tasks", "task_classes", "current_task")
 
     def __init__(
         self,
