@@ -74,6 +74,8 @@ DEFAULTS = dict(
     out=None,
     progress=True,
     resume=False,
+    retention_data=None,
+    retention_subset=None,
 )
 
 _CHOICES = dict(
@@ -143,6 +145,9 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--num-workers", type=int, help="data-loader workers (default 0)")
     g.add_argument("--out", help="output directory (default runs/<method>-<backbone>-seed<seed>)")
     g.add_argument("--no-progress", dest="progress", action="store_false", help="no interactive progress bars")
+    g.add_argument("--retention-data", help="arrays .npz of the pretraining task: accuracy on its test split through "
+                                            "the backbone's original head after every experience (needs weights)")
+    g.add_argument("--retention-subset", type=int, help="use this many retention test images (balanced)")
     g.add_argument("--resume", action="store_true",
                    help="continue from <out>/checkpoint.pt (written after every experience) with the same options")
     return p
@@ -177,6 +182,9 @@ def parse_config(argv=None) -> dict:
     if cfg["task_incremental"] and cfg["eval_on"] == "all":
         raise ValueError("--eval-on all cannot go with --task-incremental: tasks not trained yet have no head; "
                          "use --eval-on seen.")
+    if cfg["retention_data"] and not cfg["backbone_weights"]:
+        raise ValueError("--retention-data measures the pretraining task through the pretrained head: "
+                         "give --backbone-weights too.")
     if cfg["benchmark"] == "arrays" and not cfg["data"]:
         raise ValueError("--benchmark arrays needs --data <file.npz>.")
     for key in ("epochs", "batch_size", "eval_batch_size", "n_experiences"):
@@ -237,17 +245,25 @@ def build_benchmark(cfg: dict, normalization=None):
     return fn(cfg["n_experiences"], data=cfg["data"], dataset_root=cfg["dataset_root"], **common)
 
 
-def build_model(cfg: dict, n_classes: int, classes_per_exp: int):
-    from models import TaskIncrementalClassifier, build_backbone, replace_head
+def build_model(cfg: dict, n_classes: int, classes_per_exp: int, *, return_pretrained_head: bool = False):
+    """The backbone with a class-IL head or per-task heads; optionally also a frozen copy of the pretrained head
+    (before it is replaced), for measuring retention of the pretraining task."""
+    import copy
+
+    from models import TaskIncrementalClassifier, build_backbone, find_head, replace_head
 
     w = cfg["backbone_weights"]
     backbone = build_backbone(cfg["backbone"], n_classes, weights=None if w == "pretrained" else w,
-                              pretrained=w == "pretrained")
-    if w is not None and not cfg["keep_head"] and not cfg["task_incremental"]:
+                              pretrained=w == "pretrained", keep_pretrained_head=return_pretrained_head)
+    pretrained_head = None
+    if return_pretrained_head and w is not None:
+        pretrained_head = copy.deepcopy(find_head(backbone)[1]).requires_grad_(False)
+        if pretrained_head.out_features != n_classes or not cfg["keep_head"] or cfg["task_incremental"]:
+            replace_head(backbone, n_classes)
+    elif w is not None and not cfg["keep_head"] and not cfg["task_incremental"]:
         replace_head(backbone, n_classes)  # class-IL learns its head from scratch unless told to keep it
-    if cfg["task_incremental"]:
-        return TaskIncrementalClassifier(backbone, classes_per_exp)
-    return backbone
+    model = TaskIncrementalClassifier(backbone, classes_per_exp) if cfg["task_incremental"] else backbone
+    return (model, pretrained_head) if return_pretrained_head else model
 
 
 def _optimizer(cfg, params):
@@ -291,22 +307,6 @@ def build_strategy(cfg: dict, model, common: dict):
     raise ValueError(f"Unknown method {cfg['method']!r}; choose one of {', '.join(METHODS)}.")
 
 
-def parameter_report(strategy, model, task_incremental: bool) -> dict:
-    """Parameter counts after an experience: trainable/frozen/adapter/total, plus ``stored`` (what serves every
-    task so far) and ``inference`` (what one forward pass uses; one head in task-IL)."""
-    from models import TaskIncrementalClassifier, count_parameters
-
-    counts = count_parameters(model)
-    plugin = getattr(strategy, "method_plugin", None)
-    rep = plugin.parameter_report(model) if plugin is not None else dict(stored=counts["total"],
-                                                                          inference=counts["total"])
-    counts.update(stored=rep["stored"], inference=rep["inference"])
-    if task_incremental and isinstance(model, TaskIncrementalClassifier):
-        heads = [sum(p.numel() for p in h.parameters()) for h in model.head.classifiers.values()]
-        counts["inference"] -= sum(heads) - max(heads, default=0)
-    return counts
-
-
 def _write_json(path: Path, obj) -> None:
     tmp = path.with_suffix(".json.tmp")
     with open(tmp, "w") as f:
@@ -319,19 +319,76 @@ def _write_json(path: Path, obj) -> None:
 _ACC_RE = re.compile(r"Top1_Acc_Exp/eval_phase/test_stream/Task\d+/Exp(\d+)$")
 
 
-def summarize(matrix: list[list[float | None]]) -> dict:
-    """Average accuracy after each experience (mean over the experiences seen so far) and, after the last row,
-    forgetting as Avalanche defines it (accuracy right after learning j minus accuracy now, mean over j < last)."""
+def summarize(matrix: list[list[float | None]], initial: list[float | None] | None = None) -> dict:
+    """Figures from the accuracy matrix R (row i: after training experience i):
+
+    * ``average_accuracy[i]``: mean of R[i][j] over j <= i (the experiences seen so far); ``A_last`` is its final
+      value ("last accuracy", also ``final_average_accuracy``) and ``A_avg`` its mean over i (PILOT's / InfLoRA's
+      "average accuracy");
+    * ``forgetting_per_experience[j]`` = R[j][j] - R[last][j] for j < last (Avalanche's definition), their mean
+      ``average_forgetting``, and ``bwt`` = -average_forgetting;
+    * with the accuracies before any training (``initial``, b) and R's upper triangle, ``forward_transfer`` =
+      mean over i >= 1 of R[i-1][i] - b[i] (Lopez-Paz & Ranzato, GEM, 2017).
+    """
     avg = [float(np.mean([r[j] for j in range(i + 1)])) for i, r in enumerate(matrix)]
     last = len(matrix) - 1
     forg = [matrix[j][j] - matrix[last][j] for j in range(last)]
-    return dict(
+    out = dict(
         average_accuracy=avg,
         final_average_accuracy=avg[-1] if avg else None,
+        A_last=avg[-1] if avg else None,
+        A_avg=float(np.mean(avg)) if avg else None,
         forgetting_per_experience=forg,
         average_forgetting=float(np.mean(forg)) if forg else None,
         bwt=-float(np.mean(forg)) if forg else None,
     )
+    if initial is not None:
+        fwt = [matrix[i - 1][i] - initial[i] for i in range(1, len(matrix))
+               if matrix[i - 1][i] is not None and initial[i] is not None]
+        out["forward_transfer"] = float(np.mean(fwt)) if fwt else None
+    return out
+
+
+def build_retention_dataset(cfg: dict, normalization):
+    """The test split of ``--retention-data`` with the benchmark's eval transform (and normalisation)."""
+    import torch
+    from torchvision import transforms
+
+    from .benchmarks import ArrayImageDataset, _subsample, load_arrays
+
+    a = load_arrays(cfg["retention_data"])
+    x, y = a["x_test"], a["y_test"]
+    if cfg["retention_subset"]:
+        n_cls = int(y.max()) + 1
+        x, y = _subsample(x, y, max(1, cfg["retention_subset"] // n_cls), cfg["seed"])
+    tf = [transforms.Grayscale(3)] if x.ndim == 3 else []
+    if cfg["image_size"]:
+        tf.append(transforms.Resize(cfg["image_size"]))
+    tf += [transforms.ToTensor(), transforms.Normalize(*normalization)]
+    ds = ArrayImageDataset(x, y)
+    pipeline = transforms.Compose(tf)
+
+    class _Transformed(torch.utils.data.Dataset):
+        def __len__(self):
+            return len(ds)
+
+        def __getitem__(self, i):
+            img, label = ds[i]
+            return pipeline(img), label
+
+    return _Transformed()
+
+
+def _write_metrics_csv(path: Path, all_metrics: dict) -> None:
+    """Every scalar metric Avalanche collected (ours included, which its CSVLogger drops): name, x, value."""
+    tmp = path.with_suffix(".csv.tmp")
+    with open(tmp, "w") as f:
+        f.write("metric,x,value\n")
+        for name, (xs, values) in sorted(all_metrics.items()):
+            for x, v in zip(xs, values):
+                if isinstance(v, (int, float)):
+                    f.write(f"{name},{x},{v}\n")
+    os.replace(tmp, path)
 
 
 def run(cfg: dict) -> dict:
@@ -345,14 +402,23 @@ def run(cfg: dict) -> dict:
         timing_metrics,
     )
     from avalanche.distributed import DistributedHelper
-    from avalanche.logging import CSVLogger, InteractiveLogger, TextLogger
+    from avalanche.logging import CSVLogger, InteractiveLogger, TensorboardLogger, TextLogger
     from avalanche.training.plugins import EvaluationPlugin
 
     from models import count_parameters, default_normalization, lora_layers
     from strategies import unwrap
 
     from .checkpoint import load_checkpoint, save_checkpoint
-    from strategies import FiniteLossPlugin, FreezeBatchNormPlugin, NonFiniteLossError, ParameterCountPluginMetric
+    from strategies import (
+        AccuracyCurvePluginMetric,
+        FiniteLossPlugin,
+        FreezeBatchNormPlugin,
+        NonFiniteLossError,
+        ParameterGrowthPluginMetric,
+        PretrainingRetentionPluginMetric,
+        RankUsagePluginMetric,
+        SpectralEnergyPluginMetric,
+    )
 
     t_start = time.perf_counter()
     if cfg["threads"]:
@@ -375,7 +441,7 @@ def run(cfg: dict) -> dict:
     random.seed(cfg["seed"])
     np.random.seed(cfg["seed"])
     torch.manual_seed(cfg["seed"])
-    model = build_model(cfg, n_classes, classes_per_exp)
+    model, pretrained_head = build_model(cfg, n_classes, classes_per_exp, return_pretrained_head=True)
     bn = cfg["bn"]
     if bn == "auto":  # per-task BN copies exist to train; a pretrained backbone's shared BN must not drift
         bn = "frozen" if pretrained and not cfg["per_task_bn"] else "train"
@@ -386,16 +452,21 @@ def run(cfg: dict) -> dict:
     if main_process:  # Avalanche's loggers refuse to exist on other ranks
         log_file = open(out / "log.txt", "a")
         csv_logger = CSVLogger(str(out / ("csv" if start == 0 else f"csv-resumed-at-{start}")))
-        loggers = [TextLogger(log_file), csv_logger]
+        loggers = [TextLogger(log_file), csv_logger, TensorboardLogger(str(out / "tb"))]
         if cfg["progress"]:
             loggers.insert(0, InteractiveLogger())
+    ours = dict(growth=ParameterGrowthPluginMetric(), curve=AccuracyCurvePluginMetric(),
+                ranks=RankUsagePluginMetric(), spectra=SpectralEnergyPluginMetric())
+    if cfg["retention_data"]:
+        ours["retention"] = PretrainingRetentionPluginMetric(
+            build_retention_dataset(cfg, bm.normalization), pretrained_head, batch_size=cfg["eval_batch_size"])
     evaluator = EvaluationPlugin(
         accuracy_metrics(epoch=True, experience=True, stream=True),
         loss_metrics(epoch=True, experience=True, stream=True),
         forgetting_metrics(experience=True, stream=True),
         bwt_metrics(experience=True, stream=True),
         timing_metrics(epoch=True, experience=True),
-        ParameterCountPluginMetric(),
+        *ours.values(),
         loggers=loggers,
     )
     common = dict(
@@ -416,6 +487,12 @@ def run(cfg: dict) -> dict:
     if ckpt is not None:
         results = _restore(ckpt, strategy, model, plugin, bm, device)
         results.setdefault("resumed_at", []).append(start)
+        # the metrics' histories continue where the checkpoint left them
+        ours["ranks"].history = list(results.get("rank_usage") or [])
+        ours["spectra"].history = list(results.get("spectra") or [])
+        ours["curve"].last = list(results.get("average_accuracy") or [])
+        if "retention" in ours:
+            ours["retention"].history = list(results.get("pretraining_retention") or [])
     else:
         results = dict(
             config={k: v for k, v in cfg.items()},
@@ -447,6 +524,14 @@ def run(cfg: dict) -> dict:
         _write_json(out / "results.json", results)
 
     try:
+        if cfg["eval_on"] == "all" and start == 0:  # accuracy before any training: the forward-transfer baseline
+            strategy.eval(bm.test_stream, num_workers=cfg["num_workers"])
+            init = [None] * T
+            for name, value in strategy.evaluator.get_last_metrics().items():
+                m = _ACC_RE.match(name)
+                if m:
+                    init[int(m.group(1))] = float(value)
+            results["initial_accuracy"] = init
         for i, exp in enumerate(bm.train_stream):
             if i < start:
                 continue
@@ -463,12 +548,16 @@ def run(cfg: dict) -> dict:
                 if m and int(m.group(1)) < (i + 1 if cfg["eval_on"] == "seen" else T):
                     row[int(m.group(1))] = float(value)
             results["accuracy_matrix"].append(row)
-            results["parameters"].append(parameter_report(strategy, unwrap(strategy.model), cfg["task_incremental"]))
+            results["parameters"].append(ours["growth"].result())
             results["train_time_s"].append(t1 - t0)
             results["train_iterations"].append(strategy.clock.train_exp_iterations)
             results["eval_time_s"].append(t2 - t1)
             results["experiences_done"] = i + 1
-            results.update(summarize(results["accuracy_matrix"]))
+            results.update(summarize(results["accuracy_matrix"], results.get("initial_accuracy")))
+            results["rank_usage"] = ours["ranks"].history if lora_info else None
+            results["spectra"] = ours["spectra"].history
+            if "retention" in ours:
+                results["pretraining_retention"] = ours["retention"].history
             results["avalanche"] = {
                 k: float(v) for k, v in last.items()
                 if k.startswith(("StreamForgetting", "StreamBWT", "Top1_Acc_Stream/eval_phase"))
@@ -483,6 +572,7 @@ def run(cfg: dict) -> dict:
             results["wall_time_s"] = results.get("wall_time_s_before_resume", 0.0) + time.perf_counter() - t_start
             if main_process:
                 _write_json(out / "results.json", results)
+                _write_metrics_csv(out / "metrics.csv", strategy.evaluator.get_all_metrics())
                 save_checkpoint(out / "checkpoint.pt", cfg=cfg, experience=i, model=unwrap(strategy.model),
                                 optimizer=strategy.optimizer, plugin=plugin, clock=strategy.clock, results=results)
             if distributed:

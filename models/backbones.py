@@ -176,17 +176,17 @@ def load_weights(model: nn.Module, weights: str | os.PathLike | dict, num_classe
     return model
 
 
-def cifar_resnet(depth: int = 32, num_classes: int = 10, weights: str | os.PathLike | None = None) -> CifarResNet:
+def cifar_resnet(depth: int = 32, num_classes: int | None = 10, weights: str | os.PathLike | None = None) -> CifarResNet:
     """A CIFAR ResNet, optionally with pretrained CIFAR-10 weights.
 
     :param depth: 20, 32, 44 or 56.
     :param num_classes: outputs of the head; with weights and ``num_classes != 10`` the pretrained head is replaced
-        by a fresh one.
+        by a fresh one (``None`` keeps the checkpoint's head).
     :param weights: ``None`` (random init), a checkpoint path (akamaster format; loaded strictly), or
         ``"pretrained"``: the akamaster checkpoint from ``$LOWRANK_CL_WEIGHTS`` if there, else downloaded (sha256
         checked).
     """
-    model = CifarResNet(depth, num_classes)
+    model = CifarResNet(depth, 10 if num_classes is None else num_classes)
     if weights is None:
         return model
     if weights == "pretrained":
@@ -244,6 +244,7 @@ def build_backbone(
     *,
     weights: str | os.PathLike | None = None,
     pretrained: bool = False,
+    keep_pretrained_head: bool = False,
     **kwargs,
 ) -> nn.Module:
     """Build a backbone by name.
@@ -254,6 +255,8 @@ def build_backbone(
     :param pretrained: the library's own pretrained weights: akamaster's CIFAR-10 checkpoints for the CIFAR ResNets
         (``$LOWRANK_CL_WEIGHTS`` or download), timm's ``pretrained=True``, torchvision's ``weights="DEFAULT"``
         (downloads; needs the internet).
+    :param keep_pretrained_head: with weights, keep the checkpoint's head whatever ``num_classes`` says (to
+        measure the pretraining task; replace it with :func:`replace_head` afterwards).
     :param kwargs: passed to the model constructor.
     """
     if weights is not None and pretrained:
@@ -265,7 +268,8 @@ def build_backbone(
             depth = -1
         if depth not in _CIFAR_RESNET_FILES:
             raise ValueError(f"Unknown backbone {name!r}; CIFAR ResNets: cifar_resnet20, 32, 44, 56.")
-        return cifar_resnet(depth, num_classes, weights="pretrained" if pretrained else weights)
+        return cifar_resnet(depth, None if keep_pretrained_head else num_classes,
+                            weights="pretrained" if pretrained else weights)
     if name == "vit_cifar":
         if pretrained:
             raise ValueError("vit_cifar has no published pretrained weights; pass weights=<file> or train it.")
@@ -276,7 +280,9 @@ def build_backbone(
         model_name = name[len("timm:"):]
         if model_name not in timm.list_models() and model_name.split(".")[0] not in timm.list_models():
             raise ValueError(f"Unknown timm model {model_name!r} (see timm.list_models()).")
-        model = timm.create_model(model_name, pretrained=pretrained, num_classes=num_classes, **kwargs)
+        if not (pretrained and keep_pretrained_head):
+            kwargs["num_classes"] = num_classes
+        model = timm.create_model(model_name, pretrained=pretrained, **kwargs)
     elif name.startswith("torchvision:"):
         import torchvision
 
@@ -284,14 +290,15 @@ def build_backbone(
         if model_name not in torchvision.models.list_models():
             raise ValueError(f"Unknown torchvision model {model_name!r} (see torchvision.models.list_models()).")
         model = torchvision.models.get_model(model_name, weights="DEFAULT" if pretrained else None, **kwargs)
-        if find_head(model) is not None and find_head(model)[1].out_features != num_classes:
+        keep = pretrained and keep_pretrained_head
+        if not keep and find_head(model) is not None and find_head(model)[1].out_features != num_classes:
             replace_head(model, num_classes)
     else:
         raise ValueError(
             f"Unknown backbone {name!r}; choose one of {', '.join(BACKBONE_NAMES)}, timm:<name>, torchvision:<name>."
         )
     if weights is not None:
-        load_weights(model, weights, num_classes)
+        load_weights(model, weights, None if keep_pretrained_head else num_classes)
     return model
 
 
