@@ -35,14 +35,9 @@ class GateLoRAMixin:
             else:
                 self.lora_gate.fill_(1.0)
 
-    def _gated_A(self) -> Tensor:
-        return self.lora_A * self.lora_gate.view(-1, *([1] * (self.lora_A.ndim - 1)))
-
-    def delta_weight(self) -> Tensor:
-        return self._lora_delta(self._gated_A(), self.lora_B) * self.scaling
-
-    def _lora_forward(self, x: Tensor) -> Tensor:
-        return self._lora_apply(x, self._gated_A(), self.lora_B) * self.scaling
+    def _effective_factors(self):
+        gated_A = self.lora_A * self.lora_gate.view(-1, *([1] * (self.lora_A.ndim - 1)))
+        return gated_A, self.lora_B, self.scaling
 
     def reset_lora_parameters(self) -> None:
         super().reset_lora_parameters()

@@ -74,12 +74,22 @@ class LoRALayer(nn.Module):
         """Unscaled ``B A`` applied to ``x`` (same result as a base-layer pass with weight ``_lora_delta(A, B)``)."""
         raise NotImplementedError
 
+    def _effective_factors(self) -> tuple[Tensor, Tensor, float | Tensor]:
+        """``(A, B, scale)`` of the update ``scale · B A``; variants (gates, magnitudes) override only this."""
+        return self.lora_A, self.lora_B, self.scaling
+
     def delta_weight(self) -> Tensor:
         """``scaling · B A`` in the base weight's shape (what :meth:`merge` adds)."""
-        return self._lora_delta(self.lora_A, self.lora_B) * self.scaling
+        A, B, s = self._effective_factors()
+        return self._lora_delta(A, B) * s
 
     def _lora_forward(self, x: Tensor) -> Tensor:
-        return self._lora_apply(x, self.lora_A, self.lora_B) * self.scaling
+        A, B, s = self._effective_factors()
+        return self._lora_apply(x, A, B) * s
+
+    def _lora_add(self, out: Tensor, x: Tensor) -> Tensor:
+        """``out + scale · B A x``; layer types fuse it."""
+        return out + self._lora_forward(x)
 
     # -- shared behaviour ---------------------------------------------------------------------------------------
     def reset_lora_parameters(self) -> None:
@@ -124,7 +134,7 @@ class LoRALayer(nn.Module):
         out = self.base_layer(x)
         if self.merged:
             return out
-        return out + self._lora_forward(self.lora_dropout(x))
+        return self._lora_add(out, self.lora_dropout(x))
 
     def extra_repr(self) -> str:
         return f"r={self.r}, alpha={self.alpha:g}, scaling={self.scaling:g}, merged={self.merged}"
@@ -157,6 +167,13 @@ class LoRALinear(LoRALayer):
 
     def _lora_apply(self, x: Tensor, A: Tensor, B: Tensor) -> Tensor:
         return F.linear(F.linear(x, A), B)
+
+    def _lora_add(self, out: Tensor, x: Tensor) -> Tensor:
+        # one fused addmm: the scale goes on the small B, the sum into the product's output
+        A, B, s = self._effective_factors()
+        h = F.linear(x, A)
+        d_out = out.shape[-1]
+        return torch.addmm(out.reshape(-1, d_out), h.reshape(-1, h.shape[-1]), (B * s).t()).view(out.shape)
 
 
 class LoRAConv2d(LoRALayer):
@@ -227,6 +244,14 @@ class LoRAConv2d(LoRALayer):
             return base._conv_forward(x, self._lora_delta(A, B), None)
         # A reuses the base conv's stride/padding/dilation/padding_mode/groups; B is a 1×1 conv
         return F.conv2d(base._conv_forward(x, A, None), B, groups=base.groups)
+
+    def _lora_add(self, out: Tensor, x: Tensor) -> Tensor:
+        if self.conv_mode == "loralib":
+            return out + self._lora_forward(x)
+        A, B, s = self._effective_factors()
+        base = self.base_layer
+        # the scale goes on the small 1×1 weight; the conv output is not saved for backward, so add in place
+        return out.add_(F.conv2d(base._conv_forward(x, A, None), B * s, groups=base.groups))
 
     def forward(self, x: Tensor) -> Tensor:
         if self.conv_mode == "loralib" and not self.merged and isinstance(self.lora_dropout, nn.Identity):

@@ -69,11 +69,8 @@ class StiefelLoRAMixin:
         self.lora_B.copy_(U.reshape(self.lora_B.shape))
         self.lora_A.copy_(V.T.reshape(self.lora_A.shape))
 
-    def delta_weight(self) -> Tensor:
-        return self._lora_delta(self.lora_A, self.lora_B) * (self.scaling * self.lora_scale)
-
-    def _lora_forward(self, x: Tensor) -> Tensor:
-        return self._lora_apply(x, self.lora_A, self.lora_B) * (self.scaling * self.lora_scale)
+    def _effective_factors(self):
+        return self.lora_A, self.lora_B, self.scaling * self.lora_scale
 
     @torch.no_grad()
     def reset_lora_parameters(self) -> None:
