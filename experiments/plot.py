@@ -71,7 +71,7 @@ def plot_runs(runs: list[dict], out: str | Path) -> list[Path]:
             modules = list(ranks[0])
             grid = np.array([[h.get(mod, np.nan) for h in ranks] for mod in modules], dtype=float)
             fig, ax = plt.subplots(figsize=(0.6 * len(ranks) + 3, 0.22 * len(modules) + 1.5))
-            im = ax.imshow(grid, aspect="auto", cmap="magma")
+            im = ax.imshow(grid, aspect="auto", cmap="magma", vmin=0)
             ax.set_yticks(range(len(modules)), modules, fontsize=6)
             ax.set_xticks(range(len(ranks)))
             ax.set_xlabel("experience")
@@ -83,15 +83,18 @@ def plot_runs(runs: list[dict], out: str | Path) -> list[Path]:
         spectra = run.get("spectra")
         if spectra:
             fig, ax = plt.subplots(figsize=(6, 4))
+            last_index = 1
             for mod, v in spectra[-1].items():
                 s = np.array(v["singular_values"], dtype=float)
                 if s.size and s[0] > 0:
                     ax.semilogy(np.arange(1, len(s) + 1), s / s[0], lw=0.8, alpha=0.7)
+                    last_index = max(last_index, int((s / s[0] > 1e-6).sum()))
+            ax.set_xlim(0.5, last_index + 2.5)
             imb = [v["top1_energy"] for v in spectra[-1].values() if v["top1_energy"] is not None]
             ax.set_ylim(1e-6, 2)  # below that: float32 rounding of a low-rank update
             ax.set_xlabel("singular value index")
             ax.set_ylabel("σ_i / σ_1")
-            ax.set_title(f"{_name(run)}: update spectra, last experience (mean σ1² share {np.mean(imb):.2f})"
+            ax.set_title(f"{_name(run)}: update spectra, last experience\n(mean share of σ1²: {np.mean(imb):.2f})"
                          if imb else f"{_name(run)}: update spectra")
             written += _save(fig, out, f"{_name(run)}_spectra")
             plt.close(fig)
