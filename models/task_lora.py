@@ -66,6 +66,8 @@ class TaskLoRAMixin:
 
     def forward(self, x: Tensor) -> Tensor:
         out = self.base_layer(x)
+        if self.current_task is None and not len(self.bank_A):  # before any task: just the base layer
+            return out
         groups = _routing_groups(self.task_labels, x.shape[0])
         x = self.lora_dropout(x)
         if len(groups) == 1:
@@ -133,6 +135,8 @@ class TaskBatchNorm(nn.Module):
                          f"(trained: {sorted(int(k) for k in self.bank)}).")
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.current_task is None and not len(self.bank):  # before any task: the shared BatchNorm
+            return self.bn(x)
         groups = _routing_groups(self.task_labels, x.shape[0])
         if len(groups) == 1:
             return self._layer(groups[0][0])(x)

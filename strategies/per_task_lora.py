@@ -143,11 +143,10 @@ class PerTaskLoRAPlugin(PluginStateMixin, SupervisedPlugin, supports_distributed
             set_task_routing(strategy.model, strategy.mb_task_id)
         elif self._known_tasks():
             set_task_routing(strategy.model, self._known_tasks()[0])
-        else:
-            raise ValueError("PerTaskLoRAPlugin: nothing was trained yet, so no adapter can be chosen.")
+        # before any training the layers are their base layers (e.g. a forward-transfer baseline)
 
     def after_eval_forward(self, strategy, **kwargs):
-        if self.class_incremental:
+        if self.class_incremental and self._known_tasks():
             strategy.mb_output = self.infer(strategy.model, strategy.mb_x, strategy.mb_task_id)
 
     @torch.no_grad()

@@ -176,6 +176,15 @@ def test_every_method_runs_from_the_cli(tmp_path, capsys, method, task_il):
     assert res["train_step_time_s"] > 0
 
 
+def test_per_task_class_il_with_eval_on_all_measures_before_training(tmp_path, capsys):
+    data = _made_data(tmp_path)
+    res, _, _ = _run(tmp_path, capsys, "--benchmark", "arrays", "--data", str(data), "--n-experiences", "2",
+                     "--method", "per_task_lora", "--backbone", "cifar_resnet20", "--batch-size", "8",
+                     "--eval-on", "all")
+    assert len(res["initial_accuracy"]) == 2 and res["forward_transfer"] is not None
+    assert all(v is not None for row in res["accuracy_matrix"] for v in row)
+
+
 @pytest.mark.parametrize("name", ["default", "merge_lora", "naive", "per_task_lora", "codyra", "eblora"])
 def test_shipped_configs_parse(name):
     from pathlib import Path
