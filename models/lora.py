@@ -131,10 +131,16 @@ class LoRALayer(nn.Module):
         return [self.lora_A, self.lora_B]
 
     def forward(self, x: Tensor) -> Tensor:
-        out = self.base_layer(x)
         if self.merged:
-            return out
-        return self._lora_add(out, self.lora_dropout(x))
+            return self.base_layer(x)
+        if not torch.is_grad_enabled() and isinstance(self.lora_dropout, nn.Identity):
+            # inference: one pass with W + ΔW (ΔW is small to form) instead of the base pass plus two low-rank ones
+            return self._forward_with_weight(x, self.base_layer.weight + self.delta_weight())
+        return self._lora_add(self.base_layer(x), self.lora_dropout(x))
+
+    def _forward_with_weight(self, x: Tensor, weight: Tensor) -> Tensor:
+        """The base layer's computation with another weight."""
+        raise NotImplementedError
 
     def extra_repr(self) -> str:
         return f"r={self.r}, alpha={self.alpha:g}, scaling={self.scaling:g}, merged={self.merged}"
@@ -167,6 +173,9 @@ class LoRALinear(LoRALayer):
 
     def _lora_apply(self, x: Tensor, A: Tensor, B: Tensor) -> Tensor:
         return F.linear(F.linear(x, A), B)
+
+    def _forward_with_weight(self, x: Tensor, weight: Tensor) -> Tensor:
+        return F.linear(x, weight, self.base_layer.bias)
 
     def _lora_add(self, out: Tensor, x: Tensor) -> Tensor:
         # one fused addmm: the scale goes on the small B, the sum into the product's output
@@ -253,11 +262,20 @@ class LoRAConv2d(LoRALayer):
         # the scale goes on the small 1×1 weight; the conv output is not saved for backward, so add in place
         return out.add_(F.conv2d(base._conv_forward(x, A, None), B * s, groups=base.groups))
 
+    def _forward_with_weight(self, x: Tensor, weight: Tensor) -> Tensor:
+        return self.base_layer._conv_forward(x, weight, self.base_layer.bias)
+
+    def _merged_weight_training(self) -> bool:
+        """Train through ``conv(x, W + ΔW)`` rather than the two low-rank convs when those are relatively costly:
+        the k×k conv to r channels costs r/out of the base conv (with its backward), the merged weight one weight
+        gradient of the base conv's size; measured on CPU, the merged form wins from r/out >= 1/8."""
+        return 8 * self.r >= self.base_layer.out_channels
+
     def forward(self, x: Tensor) -> Tensor:
-        if self.conv_mode == "loralib" and not self.merged and isinstance(self.lora_dropout, nn.Identity):
+        if (self.conv_mode == "loralib" or self._merged_weight_training()) and not self.merged \
+                and isinstance(self.lora_dropout, nn.Identity):
             # one convolution with W + ΔW instead of two passes over the input
-            base = self.base_layer
-            return base._conv_forward(x, base.weight + self.delta_weight(), base.bias)
+            return self._forward_with_weight(x, self.base_layer.weight + self.delta_weight())
         return super().forward(x)
 
     def extra_repr(self) -> str:

@@ -173,3 +173,31 @@ def test_base_frozen_adapter_trainable():
 def test_bad_layer_arguments_raise_clear_errors(make, match):
     with pytest.raises((ValueError, TypeError), match=match):
         make()
+
+
+@pytest.mark.parametrize("mode", ["kxk_1x1", "loralib"])
+@pytest.mark.parametrize("case", CONV_CASES[:4], ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()))
+def test_training_path_equals_inference_path(mode, case):
+    """With gradients on, the update is applied as low-rank passes (or, for convs where r/out >= 1/8, through
+    W + ΔW); without, as one pass with W + ΔW. All forms compute the same function."""
+    from models import GateLoRAConv2d, GateLoRALinear, StiefelLoRALinear
+
+    wide = LoRAConv2d(nn.Conv2d(6, 40, **case), r=2, conv_mode=mode)  # 8·r < out: the two low-rank convs
+    narrow = LoRAConv2d(nn.Conv2d(6, 10, **case), r=2, conv_mode=mode)  # 8·r >= out: conv(x, W + ΔW)
+    assert mode == "loralib" or (not wide._merged_weight_training() and narrow._merged_weight_training())
+    layers = [wide, narrow, LoRALinear(nn.Linear(9, 7), r=3),
+              GateLoRAConv2d(nn.Conv2d(6, 10, **case), r=2, conv_mode=mode), GateLoRALinear(nn.Linear(9, 7), r=3),
+              StiefelLoRALinear(nn.Linear(9, 7), r=3)]
+    for layer in layers:
+        _randomize(layer)
+        if hasattr(layer, "lora_scale"):
+            with torch.no_grad():
+                layer.lora_scale.fill_(0.7)
+        x = torch.randn(2, 6, 11, 11) if isinstance(layer.base_layer, nn.Conv2d) else torch.randn(4, 5, 9)
+        y_train = layer(x)
+        assert y_train.requires_grad
+        with torch.no_grad():
+            y_infer = layer(x)
+            y_base = layer.base_layer(x)
+        assert (y_train - y_base).abs().max() > 1e-3
+        torch.testing.assert_close(y_infer, y_train.detach(), atol=1e-5, rtol=1e-5)
