@@ -133,14 +133,19 @@ class LoRALayer(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if self.merged:
             return self.base_layer(x)
-        if not torch.is_grad_enabled() and isinstance(self.lora_dropout, nn.Identity):
-            # inference: one pass with W + ΔW (ΔW is small to form) instead of the base pass plus two low-rank ones
+        if self._through_weight():
+            # e.g. inference: one pass with W + ΔW (ΔW is small to form) instead of the base pass plus two low-rank
             return self._forward_with_weight(x, self.base_layer.weight + self.delta_weight())
         return self._lora_add(self.base_layer(x), self.lora_dropout(x))
 
     def _forward_with_weight(self, x: Tensor, weight: Tensor) -> Tensor:
         """The base layer's computation with another weight."""
         raise NotImplementedError
+
+    def _through_weight(self) -> bool:
+        """Whether to apply the update as one pass with ``W + ΔW`` (always without gradients; in training where the
+        layer type finds it cheaper than the low-rank passes). Needs no dropout on the adapter's input."""
+        return isinstance(self.lora_dropout, nn.Identity) and not torch.is_grad_enabled()
 
     def extra_repr(self) -> str:
         return f"r={self.r}, alpha={self.alpha:g}, scaling={self.scaling:g}, merged={self.merged}"
@@ -268,15 +273,13 @@ class LoRAConv2d(LoRALayer):
     def _merged_weight_training(self) -> bool:
         """Train through ``conv(x, W + ΔW)`` rather than the two low-rank convs when those are relatively costly:
         the k×k conv to r channels costs r/out of the base conv (with its backward), the merged weight one weight
-        gradient of the base conv's size; measured on CPU, the merged form wins from r/out >= 1/8."""
-        return 8 * self.r >= self.base_layer.out_channels
+        gradient of the base conv's size; measured on CPU, the merged form wins from r/out >= 1/8. The loralib
+        shape always goes through its weight."""
+        return self.conv_mode == "loralib" or 8 * self.r >= self.base_layer.out_channels
 
-    def forward(self, x: Tensor) -> Tensor:
-        if (self.conv_mode == "loralib" or self._merged_weight_training()) and not self.merged \
-                and isinstance(self.lora_dropout, nn.Identity):
-            # one convolution with W + ΔW instead of two passes over the input
-            return self._forward_with_weight(x, self.base_layer.weight + self.delta_weight())
-        return super().forward(x)
+    def _through_weight(self) -> bool:
+        return isinstance(self.lora_dropout, nn.Identity) and (
+            not torch.is_grad_enabled() or self._merged_weight_training())
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, conv_mode={self.conv_mode!r}"

@@ -65,14 +65,16 @@ class TaskLoRAMixin:
         )
 
     def forward(self, x: Tensor) -> Tensor:
-        out = self.base_layer(x)
         if self.current_task is None and not len(self.bank_A):  # before any task: just the base layer
-            return out
+            return self.base_layer(x)
         groups = _routing_groups(self.task_labels, x.shape[0])
-        x = self.lora_dropout(x)
         if len(groups) == 1:
             A, B = self._factors(groups[0][0])
-            return out + self._lora_apply(x, A, B) * self.scaling
+            if self._through_weight():
+                return self._forward_with_weight(x, self.base_layer.weight + self._lora_delta(A, B) * self.scaling)
+            return self.base_layer(x) + self._lora_apply(self.lora_dropout(x), A, B) * self.scaling
+        out = self.base_layer(x)
+        x = self.lora_dropout(x)
         delta = torch.zeros_like(out)
         for task, mask in groups:
             A, B = self._factors(task)
