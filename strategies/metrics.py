@@ -68,7 +68,7 @@ class ParameterGrowthPluginMetric(PluginMetric[dict]):
         return dict(self.history[-1]) if self.history else {}
 
     def reset(self) -> None:
-        pass  # the history spans the whole run
+        """The history spans the whole run: nothing to reset."""
 
     def before_training(self, strategy):
         if self.backbone is None:  # adapters may already be injected: they are not the backbone

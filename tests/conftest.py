@@ -5,6 +5,7 @@ import os
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -48,3 +49,17 @@ def resnet32_weights() -> Path:
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def tiny_bm(tmp_path):
+    """A 2-experience Split CIFAR-10 of made images (8 per class) whose red channel encodes the class."""
+    from experiments.benchmarks import split_cifar10
+
+    rng = np.random.default_rng(0)
+    y = np.repeat(np.arange(10), 8)
+    x = rng.integers(0, 256, (len(y), 32, 32, 3), dtype=np.uint8)
+    x[..., 0] = (y * 25)[:, None, None]
+    path = tmp_path / "c10.npz"
+    np.savez(path, x_train=x, y_train=y, x_test=x[::4], y_test=y[::4])
+    return split_cifar10(2, seed=0, data=path)

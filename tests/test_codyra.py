@@ -1,26 +1,13 @@
 """CoDyRA: gates become sparse under the ramped soft threshold, pruned ranks vanish from the merged update."""
 
-import numpy as np
 import pytest
 import torch
 from avalanche.training.plugins import EvaluationPlugin
 from avalanche.training.templates import SupervisedTemplate
 from torch import nn
 
-from experiments.benchmarks import split_cifar10
 from models import GateLoRAConv2d, GateLoRALinear, cifar_resnet, lora_layers, vit_cifar
 from strategies import CoDyRA, CoDyRAPlugin
-
-
-@pytest.fixture
-def bm(tmp_path):
-    rng = np.random.default_rng(0)
-    y = np.repeat(np.arange(10), 8)
-    x = rng.integers(0, 256, (len(y), 32, 32, 3), dtype=np.uint8)
-    x[..., 0] = (y * 25)[:, None, None]
-    path = tmp_path / "c10.npz"
-    np.savez(path, x_train=x, y_train=y, x_test=x[::4], y_test=y[::4])
-    return split_cifar10(2, seed=0, data=path)
 
 
 def test_gate_layer_is_B_diag_w_A():
@@ -63,7 +50,7 @@ class _Spy(CoDyRAPlugin):
 
 
 @pytest.mark.parametrize("backbone", ["resnet", "vit"])
-def test_gates_become_sparse_and_pruned_ranks_vanish_from_merge(bm, backbone):
+def test_gates_become_sparse_and_pruned_ranks_vanish_from_merge(tiny_bm, backbone):
     if backbone == "resnet":
         model, targets = cifar_resnet(20, 10), r"layer\d\.\d+\.conv[12]"
     else:
@@ -73,7 +60,7 @@ def test_gates_become_sparse_and_pruned_ranks_vanish_from_merge(bm, backbone):
         model=model, optimizer=torch.optim.AdamW(model.parameters(), lr=5e-3, betas=(0.9, 0.9999), weight_decay=0),
         train_mb_size=8, train_epochs=2, plugins=[plugin], evaluator=EvaluationPlugin(loggers=[]),
     )
-    strategy.train(bm.train_stream[0])
+    strategy.train(tiny_bm.train_stream[0])
     ranks = plugin.rank_history[0]
     assert set(ranks) == set(plugin.adapted_modules)
     assert sum(ranks.values()) < 6 * len(ranks), "the ramped threshold should zero some gates"
@@ -88,12 +75,12 @@ def test_gates_become_sparse_and_pruned_ranks_vanish_from_merge(bm, backbone):
         assert torch.count_nonzero(layer.lora_B) == 0
 
 
-def test_strategy_runs_two_experiences_and_state_dict_holds_gates(bm):
+def test_strategy_runs_two_experiences_and_state_dict_holds_gates(tiny_bm):
     model = cifar_resnet(20, 10)
     strategy = CoDyRA(model=model, optimizer=torch.optim.AdamW(model.parameters(), lr=1e-3),
                       target_modules=r"layer3\.\d+\.conv[12]", r=4, train_mb_size=16,
                       evaluator=EvaluationPlugin(loggers=[]))
-    for exp in bm.train_stream:
+    for exp in tiny_bm.train_stream:
         strategy.train(exp)
     assert len(strategy.method_plugin.rank_history) == 2
     sd = model.state_dict()

@@ -1,26 +1,13 @@
 """EBLoRA: orthonormal factors after every step, V and the merged update orthogonal to F, F orthonormal, errors."""
 
-import numpy as np
 import pytest
 import torch
 from avalanche.core import SupervisedPlugin
 from avalanche.training.plugins import EvaluationPlugin
 from torch import nn
 
-from experiments.benchmarks import split_cifar10
 from models import StiefelLoRAConv2d, StiefelLoRALinear, cifar_resnet, vit_cifar
 from strategies import EBLoRA, grow_subspace
-
-
-@pytest.fixture
-def bm(tmp_path):
-    rng = np.random.default_rng(0)
-    y = np.repeat(np.arange(10), 8)
-    x = rng.integers(0, 256, (len(y), 32, 32, 3), dtype=np.uint8)
-    x[..., 0] = (y * 25)[:, None, None]
-    path = tmp_path / "c10.npz"
-    np.savez(path, x_train=x, y_train=y, x_test=x[::4], y_test=y[::4])
-    return split_cifar10(2, seed=0, data=path)
 
 
 def _eye_err(X):
@@ -49,7 +36,7 @@ class _Checker(SupervisedPlugin):
 
 
 @pytest.mark.parametrize("backbone", ["resnet", "vit"])
-def test_stiefel_constraints_hold_every_step_and_merge_is_orthogonal_to_F(bm, backbone):
+def test_stiefel_constraints_hold_every_step_and_merge_is_orthogonal_to_F(tiny_bm, backbone):
     if backbone == "resnet":
         model, targets = cifar_resnet(20, 10), r"layer3\.\d+\.conv[12]"
     else:
@@ -59,14 +46,14 @@ def test_stiefel_constraints_hold_every_step_and_merge_is_orthogonal_to_F(bm, ba
                       target_modules=targets, r=2, energy_threshold=0.9, grad_fraction=0.5, train_mb_size=8,
                       plugins=[checker], evaluator=EvaluationPlugin(loggers=[]))
     layers = [m for m in model.modules() if isinstance(m, (StiefelLoRALinear, StiefelLoRAConv2d))]
-    strategy.train(bm.train_stream[0])
+    strategy.train(tiny_bm.train_stream[0])
     F_sizes = [m.subspace.shape[1] for m in layers]
     assert all(k > 0 for k in F_sizes), "F must grow after the first experience"
     for m in layers:
         assert _eye_err(m.subspace) < 1e-5
     w_before = [m.base_layer.weight.detach().clone() for m in layers]
     F_before = [m.subspace.clone() for m in layers]
-    strategy.train(bm.train_stream[1])
+    strategy.train(tiny_bm.train_stream[1])
     assert checker.steps >= 10 and checker.moved > 1e-4, "the factors must actually move"
     assert checker.orth < 1e-5, f"U/V orthonormality broken by {checker.orth}"
     assert checker.perp < 1e-5, f"V not orthogonal to F by {checker.perp}"

@@ -2,28 +2,15 @@
 
 import copy
 
-import numpy as np
 import pytest
 import torch
 from avalanche.training.plugins import EvaluationPlugin
 from avalanche.training.templates import SupervisedTemplate
 
-from experiments.benchmarks import split_cifar10
 from models import cifar_resnet, lora_layers
 from strategies import FreezeBatchNormPlugin, MergeLoRA, MergeLoRAPlugin
 
 TARGETS = r"layer\d\.\d+\.conv[12]"
-
-
-@pytest.fixture
-def tiny_benchmark(tmp_path):
-    rng = np.random.default_rng(0)
-    y = np.repeat(np.arange(10), 8)
-    x = rng.integers(0, 256, (len(y), 32, 32, 3), dtype=np.uint8)
-    x[..., 0] = (y * 25)[:, None, None]  # a learnable signal
-    path = tmp_path / "c10.npz"
-    np.savez(path, x_train=x, y_train=y, x_test=x[::2], y_test=y[::2])
-    return split_cifar10(2, seed=0, data=path)
 
 
 def _quiet():
@@ -46,7 +33,7 @@ class _RecordingMergePlugin(MergeLoRAPlugin):
         strategy.model.train()
 
 
-def test_adapters_train_every_experience_merge_exactly_and_restart(tiny_benchmark):
+def test_adapters_train_every_experience_merge_exactly_and_restart(tiny_bm):
     model = cifar_resnet(20, 10)
     initial = copy.deepcopy(model.state_dict())
     x = torch.randn(4, 3, 32, 32)
@@ -56,7 +43,7 @@ def test_adapters_train_every_experience_merge_exactly_and_restart(tiny_benchmar
         eval_mb_size=64, plugins=[plugin], evaluator=_quiet(),
     )
     snapshots = []
-    for exp in tiny_benchmark.train_stream:
+    for exp in tiny_bm.train_stream:
         strategy.train(exp)
         snapshots.append({n: p.detach().clone() for n, p in model.named_parameters()})
     layers = lora_layers(model)
@@ -75,13 +62,13 @@ def test_adapters_train_every_experience_merge_exactly_and_restart(tiny_benchmar
     assert plugin.merged_experiences == [0, 1]
 
 
-def test_adapter_optimizer_state_is_cleared_for_each_experience(tiny_benchmark):
+def test_adapter_optimizer_state_is_cleared_for_each_experience(tiny_bm):
     model = cifar_resnet(20, 10)
     strategy = MergeLoRA(
         model=model, optimizer=torch.optim.Adam(model.parameters(), lr=1e-3), target_modules=TARGETS, r=2,
         train_mb_size=32, evaluator=_quiet(),
     )
-    strategy.train(tiny_benchmark.train_stream[0])
+    strategy.train(tiny_bm.train_stream[0])
     adapters = [p for _, layer in lora_layers(model) for p in layer.adapter_parameters()]
     assert all(strategy.optimizer.state.get(p) for p in adapters), "Adam should hold the adapters' moments"
     head_state = strategy.optimizer.state[model.linear.weight]
@@ -90,15 +77,15 @@ def test_adapter_optimizer_state_is_cleared_for_each_experience(tiny_benchmark):
     assert strategy.optimizer.state[model.linear.weight] is head_state  # the head keeps its state
 
 
-def test_strategy_without_targets_or_adapters_errors(tiny_benchmark):
+def test_strategy_without_targets_or_adapters_errors(tiny_bm):
     model = cifar_resnet(20, 10)
     strategy = MergeLoRA(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), evaluator=_quiet())
     with pytest.raises(ValueError, match="no LoRA layers and no target_modules"):
-        strategy.train(tiny_benchmark.train_stream[0])
+        strategy.train(tiny_bm.train_stream[0])
 
 
 @pytest.mark.parametrize("freeze", [True, False])
-def test_freeze_batchnorm_plugin_keeps_statistics(tiny_benchmark, freeze):
+def test_freeze_batchnorm_plugin_keeps_statistics(tiny_bm, freeze):
     model = cifar_resnet(20, 10)
     stats = model.layer1[0].bn1.running_mean.clone()
     weight = model.layer1[0].bn1.weight.detach().clone()
@@ -107,9 +94,9 @@ def test_freeze_batchnorm_plugin_keeps_statistics(tiny_benchmark, freeze):
         model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), target_modules=TARGETS, r=2,
         trainable_modules=r"linear|.*bn\d", train_mb_size=16, plugins=plugins, evaluator=_quiet(),
     )
-    strategy.train(tiny_benchmark.train_stream[0])
-    strategy.eval(tiny_benchmark.test_stream[:1])  # Avalanche restores modes after evaluation
-    strategy.train(tiny_benchmark.train_stream[1])
+    strategy.train(tiny_bm.train_stream[0])
+    strategy.eval(tiny_bm.test_stream[:1])  # Avalanche restores modes after evaluation
+    strategy.train(tiny_bm.train_stream[1])
     bn = model.layer1[0].bn1
     if freeze:
         torch.testing.assert_close(bn.running_mean, stats)
