@@ -6,8 +6,9 @@
 
 Options come from the defaults below, then ``--config`` (YAML, keys as the option names with ``_``), then the
 command line. ``<out>/results.json`` is rewritten after every experience (config, class order, accuracy matrix,
-average accuracy, forgetting, parameter counts, times); ``<out>/log.txt`` and ``<out>/csv/`` hold Avalanche's text
-and CSV logs.
+average accuracy, forgetting, parameter counts, times, ranks, spectra) and so is ``<out>/checkpoint.pt`` (for
+``--resume``); ``<out>/log.txt``, ``<out>/csv/``, ``<out>/tb/`` and ``<out>/metrics.csv`` hold the text, CSV,
+TensorBoard and all-metrics logs. Under ``torchrun`` the run is distributed (DDP) and rank 0 writes the files.
 """
 
 from __future__ import annotations
@@ -626,13 +627,14 @@ def evaluate_checkpoint(cfg: dict) -> list:
 
 def _init_distributed(cfg: dict) -> bool:
     """Join the torchrun process group when launched by torchrun (gloo on CPU, NCCL with CUDA)."""
+    import torch
     from avalanche.distributed import DistributedHelper
 
     if "LOCAL_RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) < 2:
         return False
     if not DistributedHelper.is_distributed:
         use_cuda = cfg["device"] != "cpu"
-        if use_cuda and not __import__("torch").cuda.is_available():
+        if use_cuda and not torch.cuda.is_available():
             raise ValueError("--device cuda was asked for but CUDA is not available here; use --device cpu.")
         DistributedHelper.init_distributed(cfg["seed"], use_cuda=use_cuda)
     return True
