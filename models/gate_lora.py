@@ -8,7 +8,7 @@ with Dynamic Rank-Selective LoRA" (CoDyRA), arXiv:2412.01004. A soft threshold o
 from __future__ import annotations
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from .lora import LoRAConv2d, LoRALinear
 

@@ -15,7 +15,10 @@ from avalanche.training.plugins.evaluation import default_evaluator
 from avalanche.training.templates import SupervisedTemplate
 from torch import nn
 
-__all__ = ["DistributedTemplate", "MethodStrategy", "PluginStateMixin", "unwrap"]
+from models.inject import add_lora
+from models.lora import LoRALayer
+
+__all__ = ["AdapterPluginMixin", "DistributedTemplate", "MethodStrategy", "PluginStateMixin", "unwrap"]
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -38,6 +41,30 @@ class PluginStateMixin:
             raise ValueError(f"{type(self).__name__} state lacks {missing} (saved by another method?).")
         for k in self._state_attrs:
             setattr(self, k, copy.deepcopy(state[k]))
+
+
+class AdapterPluginMixin(PluginStateMixin):
+    """What every adapter method's plugin shares: ``prepare(model)`` injects its layers (``add_lora`` with
+    ``self.lora_kwargs``) unless the model already has layers of ``_layer_type``, and runs in ``before_training``,
+    before Avalanche first collects the parameters for the optimizer."""
+
+    _layer_type: type = LoRALayer
+    _layer_desc: str = "LoRA"
+    lora_kwargs: dict
+    adapted_modules: list
+
+    def prepare(self, model: nn.Module) -> None:
+        found = [n for n, m in unwrap(model).named_modules() if isinstance(m, self._layer_type)]
+        if found:
+            self.adapted_modules = found
+            return
+        if self.lora_kwargs["target_modules"] is None:
+            raise ValueError(f"{type(self).__name__}: the model has no {self._layer_desc} layers and no "
+                             "target_modules were given.")
+        self.adapted_modules = add_lora(model, **self.lora_kwargs)
+
+    def before_training(self, strategy, **kwargs):
+        self.prepare(strategy.model)
 
 
 class DistributedTemplate(SupervisedTemplate):

@@ -13,14 +13,14 @@ from avalanche.core import SupervisedPlugin
 from torch import nn
 
 from models.gate_lora import GateLoRAConv2d, GateLoRALinear, GateLoRAMixin
-from models.inject import Target, add_lora, count_parameters
+from models.inject import Target, count_parameters
 
-from .base import MethodStrategy, PluginStateMixin, unwrap
+from .base import AdapterPluginMixin, MethodStrategy, unwrap
 
 __all__ = ["CoDyRAPlugin", "CoDyRA"]
 
 
-class CoDyRAPlugin(PluginStateMixin, SupervisedPlugin, supports_distributed=True):
+class CoDyRAPlugin(AdapterPluginMixin, SupervisedPlugin, supports_distributed=True):
     """Gate-LoRA on every targeted weight, ``ΔW = B diag(w) A``, with a proximal soft threshold on ``w``.
 
     Per experience (as in the official code): A, B and w train with the strategy's optimizer (the paper uses AdamW,
@@ -46,6 +46,7 @@ class CoDyRAPlugin(PluginStateMixin, SupervisedPlugin, supports_distributed=True
     """
 
     _state_attrs = ("adapted_modules", "rank_history")
+    _layer_type, _layer_desc = GateLoRAMixin, "gate-LoRA"
 
     def __init__(
         self,
@@ -83,17 +84,6 @@ class CoDyRAPlugin(PluginStateMixin, SupervisedPlugin, supports_distributed=True
 
     def _layers(self, model):
         return [(n, m) for n, m in unwrap(model).named_modules() if isinstance(m, GateLoRAMixin)]
-
-    def prepare(self, model: nn.Module) -> None:
-        if self._layers(model):
-            self.adapted_modules = [n for n, _ in self._layers(model)]
-            return
-        if self.lora_kwargs["target_modules"] is None:
-            raise ValueError("CoDyRAPlugin: the model has no gate-LoRA layers and no target_modules were given.")
-        self.adapted_modules = add_lora(model, **self.lora_kwargs)
-
-    def before_training(self, strategy, **kwargs):
-        self.prepare(strategy.model)
 
     def before_training_exp(self, strategy, **kwargs):
         total = strategy.train_epochs * len(strategy.dataloader)

@@ -15,10 +15,10 @@ from avalanche.models import avalanche_forward
 from torch import nn
 from torch.utils.data import DataLoader
 
-from models.inject import Target, add_lora, count_parameters
+from models.inject import Target, count_parameters
 from models.stiefel_lora import StiefelLoRAConv2d, StiefelLoRALinear, StiefelLoRAMixin, polar
 
-from .base import MethodStrategy, PluginStateMixin, unwrap
+from .base import AdapterPluginMixin, MethodStrategy, unwrap
 
 __all__ = ["EBLoRAPlugin", "EBLoRA", "grow_subspace"]
 
@@ -46,7 +46,7 @@ def grow_subspace(F: torch.Tensor, Gt: torch.Tensor, threshold: float) -> torch.
     return q.to(F.dtype)
 
 
-class EBLoRAPlugin(PluginStateMixin, SupervisedPlugin, supports_distributed=True):
+class EBLoRAPlugin(AdapterPluginMixin, SupervisedPlugin, supports_distributed=True):
     """``ΔW = scaling · s · U Vᵀ`` with U, V orthonormal and V orthogonal to the earlier tasks' gradient subspace F.
 
     Before each experience: the mean gradient G of the loss w.r.t. every adapted (frozen) weight is computed on a
@@ -78,6 +78,7 @@ class EBLoRAPlugin(PluginStateMixin, SupervisedPlugin, supports_distributed=True
     """
 
     _state_attrs = ("adapted_modules", "subspace_history")
+    _layer_type, _layer_desc = StiefelLoRAMixin, "Stiefel LoRA"
 
     def __init__(
         self,
@@ -112,17 +113,6 @@ class EBLoRAPlugin(PluginStateMixin, SupervisedPlugin, supports_distributed=True
 
     def _layers(self, model) -> list[StiefelLoRAMixin]:
         return [m for m in model.modules() if isinstance(m, StiefelLoRAMixin)]
-
-    def prepare(self, model: nn.Module) -> None:
-        if self._layers(model):
-            self.adapted_modules = [n for n, m in model.named_modules() if isinstance(m, StiefelLoRAMixin)]
-            return
-        if self.lora_kwargs["target_modules"] is None:
-            raise ValueError("EBLoRAPlugin: the model has no Stiefel LoRA layers and no target_modules were given.")
-        self.adapted_modules = add_lora(model, **self.lora_kwargs)
-
-    def before_training(self, strategy, **kwargs):
-        self.prepare(strategy.model)
 
     # -- gradients of the frozen weights --------------------------------------------------------------------
     def mean_gradients(self, strategy) -> list[torch.Tensor]:

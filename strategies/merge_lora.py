@@ -12,14 +12,14 @@ import torch
 from avalanche.core import SupervisedPlugin
 from torch import nn
 
-from models.inject import Target, add_lora, count_parameters, lora_layers
+from models.inject import Target, count_parameters, lora_layers
 
-from .base import MethodStrategy, PluginStateMixin
+from .base import AdapterPluginMixin, MethodStrategy
 
 __all__ = ["MergeLoRAPlugin", "MergeLoRA"]
 
 
-class MergeLoRAPlugin(PluginStateMixin, SupervisedPlugin, supports_distributed=True):
+class MergeLoRAPlugin(AdapterPluginMixin, SupervisedPlugin, supports_distributed=True):
     """Incremental low-rank updates with merging (Soutif-Cormerais et al., CoLLAs 2024).
 
     For every experience: a fresh adapter (A Kaiming, B zeros) on each targeted layer trains together with the
@@ -64,18 +64,6 @@ class MergeLoRAPlugin(PluginStateMixin, SupervisedPlugin, supports_distributed=T
         )
         self.adapted_modules: list[str] = []
         self.merged_experiences: list[int] = []
-
-    def prepare(self, model: nn.Module) -> None:
-        """Inject the adapters unless the model has LoRA layers; called in ``before_training``."""
-        if lora_layers(model):
-            self.adapted_modules = [n for n, _ in lora_layers(model)]
-            return
-        if self.lora_kwargs["target_modules"] is None:
-            raise ValueError("MergeLoRAPlugin: the model has no LoRA layers and no target_modules were given.")
-        self.adapted_modules = add_lora(model, **self.lora_kwargs)
-
-    def before_training(self, strategy, **kwargs):
-        self.prepare(strategy.model)
 
     def before_training_exp(self, strategy, **kwargs):
         layers = lora_layers(strategy.model)

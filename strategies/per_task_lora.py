@@ -14,15 +14,15 @@ from avalanche.core import SupervisedPlugin
 from avalanche.models import avalanche_forward
 from torch import nn
 
-from models.inject import Target, _set_submodule, add_lora, count_parameters
+from models.inject import Target, _set_submodule, count_parameters
 from models.task_lora import TaskBatchNorm, TaskLoRAConv2d, TaskLoRALinear, TaskLoRAMixin, set_task_routing
 
-from .base import MethodStrategy, PluginStateMixin
+from .base import AdapterPluginMixin, MethodStrategy
 
 __all__ = ["PerTaskLoRAPlugin", "PerTaskLoRA"]
 
 
-class PerTaskLoRAPlugin(PluginStateMixin, SupervisedPlugin, supports_distributed=True):
+class PerTaskLoRAPlugin(AdapterPluginMixin, SupervisedPlugin, supports_distributed=True):
     """One LoRA adapter per task on every targeted Linear/Conv2d (both conv shapes); earlier adapters frozen.
 
     Task-incremental (default): the adapter is chosen by each sample's task label, in training and evaluation, and
@@ -43,6 +43,7 @@ class PerTaskLoRAPlugin(PluginStateMixin, SupervisedPlugin, supports_distributed
     """
 
     _state_attrs = ("adapted_modules", "trained_tasks", "task_classes", "current_task")
+    _layer_type, _layer_desc = TaskLoRAMixin, "per-task LoRA"
 
     def __init__(
         self,
@@ -62,6 +63,7 @@ class PerTaskLoRAPlugin(PluginStateMixin, SupervisedPlugin, supports_distributed
         self.lora_kwargs = dict(
             target_modules=target_modules, r=r, alpha=alpha, dropout=dropout, conv_mode=conv_mode,
             exclude_modules=exclude_modules, rslora=rslora, trainable_modules=trainable_modules,
+            linear_cls=TaskLoRALinear, conv_cls=TaskLoRAConv2d,
         )
         self.per_task_bn = per_task_bn
         self.class_incremental = class_incremental
@@ -73,23 +75,17 @@ class PerTaskLoRAPlugin(PluginStateMixin, SupervisedPlugin, supports_distributed
     # -- set-up ---------------------------------------------------------------------------------------------
     def prepare(self, model: nn.Module) -> None:
         """Inject the per-task layers (and BN copies) unless the model has them; called in ``before_training``."""
-        if any(isinstance(m, TaskLoRAMixin) for m in model.modules()):
-            self.adapted_modules = [n for n, m in model.named_modules() if isinstance(m, TaskLoRAMixin)]
+        had = any(isinstance(m, TaskLoRAMixin) for m in model.modules())
+        super().prepare(model)
+        if had or not self.per_task_bn:
             return
-        if self.lora_kwargs["target_modules"] is None:
-            raise ValueError("PerTaskLoRAPlugin: the model has no per-task LoRA layers and no target_modules were given.")
-        self.adapted_modules = add_lora(model, **self.lora_kwargs, linear_cls=TaskLoRALinear, conv_cls=TaskLoRAConv2d)
-        if self.per_task_bn:
-            bns = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-            if not bns:
-                raise ValueError("per_task_bn=True but the model has no BatchNorm layer.")
-            for name, bn in bns:
-                _set_submodule(model, name, TaskBatchNorm(bn))
-                for p in bn.parameters():
-                    p.requires_grad_(True)
-
-    def before_training(self, strategy, **kwargs):
-        self.prepare(strategy.model)
+        bns = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        if not bns:
+            raise ValueError("per_task_bn=True but the model has no BatchNorm layer.")
+        for name, bn in bns:
+            _set_submodule(model, name, TaskBatchNorm(bn))
+            for p in bn.parameters():
+                p.requires_grad_(True)
 
     def _task_id(self, experience) -> int:
         if self.class_incremental:
