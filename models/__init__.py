@@ -12,7 +12,10 @@ from .lora import *  # noqa: F401,F403
 from .lora import __all__ as _lora_all
 from .stiefel_lora import *  # noqa: F401,F403
 from .stiefel_lora import __all__ as _stiefel_all
+from .sum_lora import *  # noqa: F401,F403
+from .sum_lora import __all__ as _sum_all
 from .task_lora import *  # noqa: F401,F403
 from .task_lora import __all__ as _task_all
 
-__all__ = [*_lora_all, *_inject_all, *_backbones_all, *_heads_all, *_task_all, *_gate_all, *_stiefel_all]
+__all__ = [*_lora_all, *_inject_all, *_backbones_all, *_heads_all, *_task_all, *_gate_all, *_stiefel_all,
+           *_sum_all]

@@ -74,6 +74,11 @@ class LoRALayer(nn.Module):
         """Unscaled ``B A`` applied to ``x`` (same result as a base-layer pass with weight ``_lora_delta(A, B)``)."""
         raise NotImplementedError
 
+    def _stack_factors(self, As: list[Tensor], Bs: list[Tensor]) -> tuple[Tensor, Tensor]:
+        """One pair ``(A, B)`` with ``B A = Σ_i B_i A_i``: the factors stacked along the rank (variants that sum
+        several adapters run them as one low-rank pass)."""
+        return torch.cat(As, 0), torch.cat(Bs, 1)
+
     def _effective_factors(self) -> tuple[Tensor, Tensor, float | Tensor]:
         """``(A, B, scale)`` of the update ``scale · B A``; variants (gates, magnitudes) override only this."""
         return self.lora_A, self.lora_B, self.scaling
@@ -251,6 +256,14 @@ class LoRAConv2d(LoRALayer):
         a = A.reshape(g, A.shape[0] // g, -1)
         b = B.reshape(g, w.shape[0] // g, B.shape[1])
         return torch.bmm(b, a).reshape(w.shape)
+
+    def _stack_factors(self, As: list[Tensor], Bs: list[Tensor]) -> tuple[Tensor, Tensor]:
+        g = self.base_layer.groups
+        if self.conv_mode == "loralib" or g == 1:
+            return super()._stack_factors(As, Bs)
+        # grouped: A's output channels are group-major, so each group's ranks of every adapter must stay together
+        A = torch.cat([a.reshape(g, a.shape[0] // g, *a.shape[1:]) for a in As], 1)
+        return A.reshape(-1, *As[0].shape[1:]), torch.cat(Bs, 1)
 
     def _lora_apply(self, x: Tensor, A: Tensor, B: Tensor) -> Tensor:
         base = self.base_layer

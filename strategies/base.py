@@ -14,16 +14,80 @@ from avalanche.models.dynamic_optimizers import update_optimizer
 from avalanche.training.plugins.evaluation import default_evaluator
 from avalanche.training.templates import SupervisedTemplate
 from torch import nn
+from torch.utils.data import DataLoader
 
 from models.inject import add_lora
 from models.lora import LoRALayer
 
-__all__ = ["AdapterPluginMixin", "DistributedTemplate", "MethodStrategy", "PluginStateMixin", "unwrap"]
+__all__ = ["AdapterPluginMixin", "DistributedTemplate", "MethodStrategy", "PluginStateMixin", "unwrap", "mask_logits",
+           "ClassMaskMixin", "experience_loader", "all_reduce_"]
 
 
 def unwrap(model: nn.Module) -> nn.Module:
     """The model inside a ``DistributedDataParallel`` wrapper (or the model itself)."""
     return DistributedHelper.unwrap_model(model)
+
+
+def mask_logits(logits: torch.Tensor, classes) -> torch.Tensor:
+    """``logits`` with every column outside ``classes`` set below the smallest kept logit of its row (finite, so a
+    loss stays finite; no gradient reaches the masked columns)."""
+    cls = torch.as_tensor(sorted(classes), device=logits.device, dtype=torch.long)
+    kept = logits.index_select(1, cls)
+    out = (kept.detach().amin(1, keepdim=True) - 1e3).expand_as(logits).clone()
+    out[:, cls] = kept
+    return out
+
+
+class ClassMaskMixin:
+    """Class-incremental logit masking shared by the methods whose code trains one head over all classes:
+
+    * training (``masked_loss``): cross-entropy over the current experience's classes only (InfLoRA, SD-LoRA and
+      HiDe train per-task heads, or mask the other classes, this way);
+    * evaluation: classes of no trained experience are masked (their head rows never trained; the papers' heads
+      grow with the classes, Avalanche's ``IncrementalClassifier`` masks them the same way).
+
+    Task-incremental models (``MultiTaskModule`` heads) are left alone: their heads already hold one task's classes.
+    """
+
+    masked_loss: bool
+    seen_classes: list
+
+    def _maskable(self, strategy) -> bool:
+        from avalanche.models import MultiTaskModule
+
+        return not isinstance(unwrap(strategy.model), MultiTaskModule)
+
+    def _note_classes(self, strategy) -> None:
+        self._current_classes = sorted(int(c) for c in strategy.experience.classes_in_this_experience)
+        self.seen_classes = sorted(set(self.seen_classes) | set(self._current_classes))
+
+    def after_forward(self, strategy, **kwargs):
+        if self.masked_loss and self._maskable(strategy):
+            strategy.mb_output = mask_logits(strategy.mb_output, self._current_classes)
+
+    def after_eval_forward(self, strategy, **kwargs):
+        if self.seen_classes and self._maskable(strategy):
+            strategy.mb_output = mask_logits(strategy.mb_output, self.seen_classes)
+
+
+def experience_loader(strategy, fraction: float = 1.0, seed: int = 0) -> DataLoader:
+    """The current experience's data with its eval transforms (no augmentation), a fixed random ``fraction`` of it,
+    in mini-batches of the training size: for the passes methods make outside the training loop (covariances,
+    gradients, features). Every rank of a torchrun job reads the whole experience, so the results agree."""
+    data = strategy.experience.dataset.eval()
+    if fraction < 1.0:
+        n = max(1, round(fraction * len(data)))
+        g = torch.Generator().manual_seed(seed + strategy.experience.current_experience)
+        data = data.subset(torch.randperm(len(data), generator=g)[:n].tolist())
+    return DataLoader(data, batch_size=strategy.train_mb_size, shuffle=False)
+
+
+def all_reduce_(*tensors: torch.Tensor) -> None:
+    """Sum tensors over the ranks of a torchrun job, in place (nothing in a single process): e.g. gradients of a
+    model that DDP does not wrap, computed on each rank's shard of the mini-batches."""
+    if DistributedHelper.is_distributed:
+        for t in tensors:
+            torch.distributed.all_reduce(t)
 
 
 class PluginStateMixin:

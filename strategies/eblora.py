@@ -13,12 +13,11 @@ import torch
 from avalanche.core import SupervisedPlugin
 from avalanche.models import avalanche_forward
 from torch import nn
-from torch.utils.data import DataLoader
 
 from models.inject import Target, count_parameters
 from models.stiefel_lora import StiefelLoRAConv2d, StiefelLoRALinear, StiefelLoRAMixin, polar
 
-from .base import AdapterPluginMixin, MethodStrategy, unwrap
+from .base import AdapterPluginMixin, MethodStrategy, experience_loader, unwrap
 
 __all__ = ["EBLoRAPlugin", "EBLoRA", "grow_subspace"]
 
@@ -120,11 +119,8 @@ class EBLoRAPlugin(AdapterPluginMixin, SupervisedPlugin, supports_distributed=Tr
         ``grad_fraction`` of the current experience (eval mode: no dropout, no BatchNorm update)."""
         model = unwrap(strategy.model)  # plain forward/backward passes, outside DDP's gradient hooks
         layers = self._layers(model)
-        data = strategy.experience.dataset.eval()
-        n = max(1, round(self.grad_fraction * len(data)))
-        g = torch.Generator().manual_seed(self.seed + strategy.experience.current_experience)
-        subset = data.subset(torch.randperm(len(data), generator=g)[:n].tolist())
-        loader = DataLoader(subset, batch_size=strategy.train_mb_size, shuffle=False)
+        loader = experience_loader(strategy, self.grad_fraction, self.seed)
+        n = len(loader.dataset)
         weights = [m.base_layer.weight for m in layers]
         flags = [w.requires_grad for w in weights]
         was_training = model.training

@@ -27,6 +27,7 @@ __all__ = [
     "PretrainingRetentionPluginMetric",
     "RankUsagePluginMetric",
     "SpectralEnergyPluginMetric",
+    "TaskInferenceAccuracyPluginMetric",
 ]
 
 
@@ -206,7 +207,10 @@ class PretrainingRetentionPluginMetric(PluginMetric[float]):
 
 def _update_of(layer) -> torch.Tensor:
     """The layer's current adapter update as a (out, in·k·k) matrix (zero when merged)."""
-    d = layer.delta_weight().detach() if not layer.merged else torch.zeros_like(layer.base_layer.weight)
+    if hasattr(layer, "current_delta_weight"):  # summed adapters: the current task's branch
+        d = layer.current_delta_weight().detach()
+    else:
+        d = layer.delta_weight().detach() if not layer.merged else torch.zeros_like(layer.base_layer.weight)
     return d.reshape(d.shape[0], -1)
 
 
@@ -314,3 +318,53 @@ class SpectralEnergyPluginMetric(_LastEpochMetric):
 
     def __str__(self):
         return "SpectralEnergy"
+
+
+class TaskInferenceAccuracyPluginMetric(PluginMetric[float]):
+    """Task-identity-inference accuracy of methods that infer the task of each test sample (HiDe-LoRA): the share of
+    samples of an evaluation experience whose inferred task is that experience. Reads the method plugin's
+    ``last_tii = (predicted, true)`` after every evaluation iteration; emits
+    ``TII_Acc_Exp/eval_phase/test_stream/Exp<e>`` and ``TII_Acc_Stream/eval_phase/test_stream`` (nothing for
+    methods without task inference)."""
+
+    def __init__(self):
+        super().__init__()
+        self._exp = [0, 0]
+        self._stream = [0, 0]
+
+    def result(self) -> float | None:
+        return self._stream[0] / self._stream[1] if self._stream[1] else None
+
+    def reset(self) -> None:
+        self._stream = [0, 0]
+
+    def before_eval(self, strategy):
+        self.reset()
+
+    def before_eval_exp(self, strategy):
+        self._exp = [0, 0]
+
+    def after_eval_iteration(self, strategy):
+        tii = getattr(getattr(strategy, "method_plugin", None), "last_tii", None)
+        if tii is not None:
+            pred, true = tii
+            hits, n = int((pred == true).sum()), int(true.numel())
+            self._exp[0] += hits
+            self._exp[1] += n
+            self._stream[0] += hits
+            self._stream[1] += n
+
+    def after_eval_exp(self, strategy):
+        if not self._exp[1]:
+            return None
+        e = strategy.experience.current_experience
+        return [MetricValue(self, f"TII_Acc_Exp/eval_phase/test_stream/Exp{e:03d}", self._exp[0] / self._exp[1],
+                            _x(strategy))]
+
+    def after_eval(self, strategy):
+        if not self._stream[1]:
+            return None
+        return [MetricValue(self, "TII_Acc_Stream/eval_phase/test_stream", self.result(), _x(strategy))]
+
+    def __str__(self):
+        return "TII_Acc"

@@ -1,0 +1,262 @@
+"""InfLoRA: interference-free low-rank adaptation.
+
+Liang & Li, "InfLoRA: Interference-Free Low-Rank Adaptation for Continual Learning", CVPR 2024, arXiv:2404.00228;
+official code liangyanshuo/InfLoRA.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from avalanche.core import SupervisedPlugin
+from avalanche.models import avalanche_forward
+from torch import nn
+
+from models.inject import Target, count_parameters
+from models.sum_lora import SumLoRAConv2d, SumLoRALinear, SumLoRAMixin
+
+from .base import AdapterPluginMixin, ClassMaskMixin, MethodStrategy, experience_loader, unwrap
+
+__all__ = ["InfLoRAPlugin", "InfLoRA", "dualgpm_update"]
+
+
+def dualgpm_update(F_: torch.Tensor | None, kind: str | None, H: torch.Tensor, threshold: float):
+    """One DualGPM step (InfLoRA's ``update_DualGPM``) for a layer with input covariance ``H`` (d × d).
+
+    ``kind == "remove"``: ``F_`` spans the protected input directions (new A rows must avoid them);
+    ``kind == "retain"``: ``F_`` spans the allowed directions (its complement is protected). Returns the new
+    ``(F_, kind)``. The protected space grows until it holds ``threshold`` of H's energy (squared singular values);
+    a protected basis larger than d/2 is stored by its complement instead.
+    """
+    d = H.shape[0]
+    H = H.double()
+    F_ = None if F_ is None else F_.to(H)
+    U, S, _ = torch.linalg.svd(H)
+    energy = S ** 2
+    total = float(energy.sum())
+    if total == 0.0:
+        return F_, kind
+    if F_ is None:  # first task: the top directions holding `threshold` of the energy
+        k = int((torch.cumsum(energy, 0) / total < threshold).sum())
+        F_, kind = U[:, : max(k, 1)], "remove"
+    elif kind == "remove":
+        R = H - F_ @ (F_.T @ H)
+        Ur, Sr, _ = torch.linalg.svd(R)
+        acc = (total - float((Sr ** 2).sum())) / total
+        k = 0
+        while acc < threshold and k < len(Sr):
+            acc += float(Sr[k] ** 2) / total
+            k += 1
+        if k:
+            F_ = torch.cat([F_, Ur[:, :k]], 1)[:, :d]
+    else:
+        Hh = F_ @ (F_.T @ H)
+        Uh, Sh, _ = torch.linalg.svd(Hh)
+        acc = float((Sh ** 2).sum()) / total  # energy still in the allowed space
+        k = 0
+        while acc >= 1 - threshold and k < min(len(Sh), F_.shape[1]):
+            acc -= float(Sh[k] ** 2) / total
+            k += 1
+        if k:
+            Fm = F_ - Uh[:, :k] @ (Uh[:, :k].T @ F_)
+            F_ = torch.linalg.svd(Fm, full_matrices=False)[0][:, : F_.shape[1] - k]
+    if kind == "remove" and F_.shape[1] > d / 2:
+        Uf = torch.linalg.svd(F_, full_matrices=True)[0]
+        F_, kind = Uf[:, F_.shape[1]:], "retain"
+    return F_.contiguous(), kind
+
+
+class InfLoRAPlugin(ClassMaskMixin, AdapterPluginMixin, SupervisedPlugin, supports_distributed=True):
+    """One LoRA branch per task, summed with the frozen branches of earlier tasks; the new branch's A is *designed*
+    from the task's input covariance projected by DualGPM and frozen, only B (and the head) trains.
+
+    Before each experience the input covariance ``H`` of every adapted layer is accumulated on the experience's data
+    (eval transforms, under the model so far; convs use their k×k input patches) and
+    ``A = (top-r left singular vectors of H')ᵀ / sqrt(3)`` with ``H' = H`` on the first task, ``H - F Fᵀ H`` for a
+    "remove" layer and ``F Fᵀ H`` for a "retain" one, so B A cannot touch the inputs of earlier tasks. After each
+    experience the covariance is taken again and DualGPM grows the protected space to the energy threshold
+    ``eps_t = lamb + (lame - lamb) · t / T``. All branches are summed at inference (no task identity needed).
+
+    :param target_modules, exclude_modules, trainable_modules: see :func:`models.add_lora` (Linear and ungrouped
+        ``kxk_1x1`` Conv2d; the paper adapts K and V of every ViT block).
+    :param r: rank of each task's branch (paper: 10).
+    :param alpha: ``None`` means ``alpha = r`` (scale 1, as the official code).
+    :param lamb, lame: first and last DualGPM energy threshold (0.95, 1.0 for CIFAR).
+    :param n_tasks: T in the threshold schedule; ``None`` takes the length of the training stream.
+    :param cov_fraction: share of each experience used for the covariance passes (1.0, as the paper).
+    :param masked_loss: cross-entropy over the current experience's classes only (the paper's per-task heads).
+    """
+
+    _state_attrs = ("adapted_modules", "trained_tasks", "seen_classes", "subspaces", "subspace_kinds",
+                    "subspace_history", "n_tasks")
+    _layer_type, _layer_desc = SumLoRAMixin, "InfLoRA"
+
+    def __init__(
+        self,
+        *,
+        target_modules: Optional[Target] = None,
+        r: int = 10,
+        alpha: Optional[float] = None,
+        exclude_modules: Optional[Target] = None,
+        trainable_modules="auto",
+        lamb: float = 0.95,
+        lame: float = 1.0,
+        n_tasks: Optional[int] = None,
+        cov_fraction: float = 1.0,
+        masked_loss: bool = True,
+        seed: int = 0,
+    ):
+        super().__init__()
+        if not 0 < lamb <= lame <= 1:
+            raise ValueError(f"InfLoRA needs 0 < lamb <= lame <= 1, got lamb={lamb}, lame={lame}.")
+        if not 0 < cov_fraction <= 1:
+            raise ValueError(f"cov_fraction must be in (0, 1], got {cov_fraction}.")
+        self.lora_kwargs = dict(target_modules=target_modules, r=r, alpha=alpha, conv_mode="kxk_1x1",
+                                exclude_modules=exclude_modules, trainable_modules=trainable_modules,
+                                linear_cls=SumLoRALinear, conv_cls=SumLoRAConv2d)
+        self.lamb, self.lame, self.n_tasks = lamb, lame, n_tasks
+        self.cov_fraction, self.masked_loss, self.seed = cov_fraction, masked_loss, seed
+        self.adapted_modules: list[str] = []
+        self.trained_tasks: list[int] = []
+        self.seen_classes: list[int] = []
+        self.subspaces: dict[str, torch.Tensor] = {}
+        self.subspace_kinds: dict[str, str] = {}
+        self.subspace_history: list[dict] = []
+        self._current_classes: list[int] = []
+
+    def prepare(self, model: nn.Module) -> None:
+        super().prepare(model)
+        for name, layer in self._named_layers(unwrap(model)):
+            if isinstance(layer.base_layer, nn.Conv2d):
+                conv = layer.base_layer
+                if conv.groups != 1 or conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+                    raise ValueError(
+                        f"InfLoRA designs A from the input patches of '{name}', which needs an ungrouped conv with "
+                        f"numeric zero padding ({conv}); exclude it (exclude_modules)."
+                    )
+            layer.lora_A.requires_grad_(False)  # designed, never trained
+
+    def _named_layers(self, model):
+        return [(n, m) for n, m in model.named_modules() if isinstance(m, SumLoRAMixin)]
+
+    # -- input covariances ----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def input_covariances(self, strategy) -> dict[str, torch.Tensor]:
+        """``E[x xᵀ]`` of every adapted layer's input (its k×k patches for a conv) on the current experience."""
+        model = unwrap(strategy.model)
+        layers = self._named_layers(model)
+        cov = {n: None for n, _ in layers}
+        count = {n: 0 for n, _ in layers}
+
+        def hook(name, layer):
+            def fn(_module, args):
+                x = args[0].detach()
+                if isinstance(layer.base_layer, nn.Conv2d):
+                    c = layer.base_layer
+                    x = F.unfold(x, c.kernel_size, dilation=c.dilation, padding=c.padding, stride=c.stride)
+                    x = x.transpose(1, 2)
+                x = x.reshape(-1, x.shape[-1]).double()
+                h = x.T @ x
+                cov[name] = h if cov[name] is None else cov[name] + h
+                count[name] += x.shape[0]
+            return fn
+
+        handles = [m.register_forward_pre_hook(hook(n, m)) for n, m in layers]
+        was_training = model.training
+        model.eval()
+        try:
+            for batch in experience_loader(strategy, self.cov_fraction, self.seed):
+                avalanche_forward(model, batch[0].to(strategy.device), batch[-1].to(strategy.device))
+        finally:
+            for h in handles:
+                h.remove()
+            model.train(was_training)
+        return {n: cov[n] / max(count[n], 1) for n in cov}
+
+    # -- experience start: design A ---------------------------------------------------------------------------
+    def before_training_exp(self, strategy, **kwargs):
+        t = int(strategy.experience.current_experience)
+        if self.n_tasks is None:
+            self.n_tasks = len(strategy.experience.origin_stream)
+        self._note_classes(strategy)
+        model = unwrap(strategy.model)
+        covs = self.input_covariances(strategy)
+        with torch.no_grad():
+            for name, layer in self._named_layers(model):
+                H = covs[name]
+                F_, kind = self.subspaces.get(name), self.subspace_kinds.get(name)
+                if F_ is not None:
+                    F_ = F_.to(H)
+                    H = H - F_ @ (F_.T @ H) if kind == "remove" else F_ @ (F_.T @ H)
+                U = torch.linalg.svd(H)[0][:, : layer.r]
+                A = U.T
+                if F_ is not None:  # exactly inside the allowed space (directions of zero energy included)
+                    A = A - (A @ F_) @ F_.T if kind == "remove" else (A @ F_) @ F_.T
+                layer.lora_A.copy_((A / math.sqrt(3)).reshape(layer.lora_A.shape).to(layer.lora_A))
+                layer.lora_B.zero_()
+                layer.current_task = t
+                for p in layer.adapter_parameters():
+                    strategy.optimizer.state.pop(p, None)
+
+    # -- experience end: DualGPM, freeze the branch -----------------------------------------------------------
+    def after_training_exp(self, strategy, **kwargs):
+        t = int(strategy.experience.current_experience)
+        covs = self.input_covariances(strategy)  # under the trained model, as the paper
+        T = max(self.n_tasks or 1, 1)
+        threshold = self.lamb + (self.lame - self.lamb) * t / T
+        sizes = {}
+        for name, layer in self._named_layers(unwrap(strategy.model)):
+            F_, kind = dualgpm_update(self.subspaces.get(name), self.subspace_kinds.get(name), covs[name], threshold)
+            self.subspaces[name], self.subspace_kinds[name] = F_.float().cpu(), kind
+            d = F_.shape[0]
+            sizes[name] = F_.shape[1] if kind == "remove" else d - F_.shape[1]  # protected dimensions
+            layer.store_adapter(t)
+        self.trained_tasks.append(t)
+        self.subspace_history.append(dict(threshold=threshold, protected=sizes))
+
+    def parameter_report(self, model: nn.Module) -> dict:
+        """``stored``: backbone, every task's branch (A and B), head, and the DualGPM bases (kept for later tasks);
+        ``inference``: the same without the bases (every branch is summed at inference)."""
+        c = count_parameters(model)
+        layers = [m for _, m in self._named_layers(model)]
+        idle = sum(m.lora_A.numel() + m.lora_B.numel() for m in layers if m.current_task is None)
+        bases = sum(f.numel() for f in self.subspaces.values())
+        return dict(stored=c["total"] - idle + bases, inference=c["total"] - idle)
+
+
+class InfLoRA(MethodStrategy):
+    """Avalanche strategy: ``SupervisedTemplate`` plus :class:`InfLoRAPlugin` (Liang & Li, CVPR 2024).
+
+    The paper trains with Adam (lr 5e-4); the InfLoRA options are those of :class:`InfLoRAPlugin`.
+    """
+
+    def __init__(
+        self,
+        *,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        target_modules: Optional[Target] = None,
+        r: int = 10,
+        alpha: Optional[float] = None,
+        exclude_modules: Optional[Target] = None,
+        trainable_modules="auto",
+        lamb: float = 0.95,
+        lame: float = 1.0,
+        n_tasks: Optional[int] = None,
+        cov_fraction: float = 1.0,
+        masked_loss: bool = True,
+        **base_kwargs,
+    ):
+        super().__init__(
+            method_plugin=InfLoRAPlugin(
+                target_modules=target_modules, r=r, alpha=alpha, exclude_modules=exclude_modules,
+                trainable_modules=trainable_modules, lamb=lamb, lame=lame, n_tasks=n_tasks,
+                cov_fraction=cov_fraction, masked_loss=masked_loss,
+            ),
+            model=model,
+            optimizer=optimizer,
+            **base_kwargs,
+        )

@@ -1,0 +1,151 @@
+"""SD-LoRA: scalable decoupled LoRA.
+
+Wu et al., "SD-LoRA: Scalable Decoupled Low-Rank Adaptation for Class Incremental Learning", ICLR 2025,
+arXiv:2501.13198; official code WuYichen-97/SD-Lora-CL.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from avalanche.core import SupervisedPlugin
+from torch import nn
+
+from models.inject import Target, count_parameters
+from models.sum_lora import LoRAMagnitudes, SDLoRAConv2d, SDLoRALinear, SumLoRAMixin
+
+from .base import AdapterPluginMixin, ClassMaskMixin, MethodStrategy, unwrap
+
+__all__ = ["SDLoRAPlugin", "SDLoRA"]
+
+MAGNITUDES = "sd_lora_magnitudes"
+
+
+class SDLoRAPlugin(ClassMaskMixin, AdapterPluginMixin, SupervisedPlugin, supports_distributed=True):
+    """Magnitude and direction decoupled: ``ΔW = Σ_{i<t} α_i B̂_i Â_i + α_t · s · B_t A_t`` where the earlier tasks'
+    directions ``B̂_i Â_i = B_i A_i / (‖B_i‖_F ‖A_i‖_F)`` are frozen (stored as unit-norm factors) and **every**
+    magnitude ``α_i`` stays learnable; the magnitudes are scalars shared by all adapted layers (a
+    :class:`~models.sum_lora.LoRAMagnitudes` module registered on the model as ``sd_lora_magnitudes``), each
+    starting at ``magnitude_init`` (0.8).
+
+    A task's direction is frozen when the next experience starts (in ``before_train_dataset_adaptation``, so its new
+    magnitude is a parameter before Avalanche updates the optimizer): evaluation after a task sees the model exactly
+    as trained. Earlier magnitudes carry over from task to task (the official code re-creates them at 0.8 each task).
+    No merge and no task identity at inference.
+
+    :param target_modules, r, alpha, dropout, conv_mode, exclude_modules, trainable_modules: see
+        :func:`models.add_lora` (the paper adapts Q and V of every ViT block, r = 10, alpha = r).
+    :param magnitude_init: initial value of each magnitude (0.8).
+    :param masked_loss: cross-entropy over the current experience's classes only (as the paper).
+    """
+
+    _state_attrs = ("adapted_modules", "trained_tasks", "seen_classes", "pending_task")
+    _layer_type, _layer_desc = SumLoRAMixin, "SD-LoRA"
+
+    def __init__(
+        self,
+        *,
+        target_modules: Optional[Target] = None,
+        r: int = 10,
+        alpha: Optional[float] = None,
+        dropout: float = 0.0,
+        conv_mode: str = "kxk_1x1",
+        exclude_modules: Optional[Target] = None,
+        trainable_modules="auto",
+        magnitude_init: float = 0.8,
+        masked_loss: bool = True,
+    ):
+        super().__init__()
+        self.lora_kwargs = dict(target_modules=target_modules, r=r, alpha=alpha, dropout=dropout, conv_mode=conv_mode,
+                                exclude_modules=exclude_modules, trainable_modules=trainable_modules,
+                                linear_cls=SDLoRALinear, conv_cls=SDLoRAConv2d)
+        self.magnitude_init, self.masked_loss = float(magnitude_init), masked_loss
+        self.adapted_modules: list[str] = []
+        self.trained_tasks: list[int] = []
+        self.seen_classes: list[int] = []
+        self.pending_task: int | None = None  # trained, direction not frozen yet
+        self._current_classes: list[int] = []
+
+    def prepare(self, model: nn.Module) -> None:
+        model = unwrap(model)
+        super().prepare(model)
+        mags = getattr(model, MAGNITUDES, None)
+        if mags is None:
+            mags = LoRAMagnitudes(self.magnitude_init).to(next(model.parameters()).device)
+            model.add_module(MAGNITUDES, mags)
+        for layer in self._layers(model):
+            object.__setattr__(layer, "magnitudes", mags)
+
+    def _layers(self, model) -> list[SumLoRAMixin]:
+        return [m for m in unwrap(model).modules() if isinstance(m, SumLoRAMixin)]
+
+    def magnitudes(self, model) -> LoRAMagnitudes:
+        return getattr(unwrap(model), MAGNITUDES)
+
+    def before_train_dataset_adaptation(self, strategy, **kwargs):
+        if self.pending_task is None:
+            return
+        t = self.pending_task
+        for layer in self._layers(strategy.model):
+            layer.store_adapter(t)  # the normalised direction, frozen
+            layer.reset_lora_parameters()
+        self.magnitudes(strategy.model).freeze_current(t)  # a new (learnable) magnitude for it
+        self.pending_task = None
+
+    def before_training_exp(self, strategy, **kwargs):
+        t = int(strategy.experience.current_experience)
+        self._note_classes(strategy)
+        mags = self.magnitudes(strategy.model)
+        for layer in self._layers(strategy.model):
+            layer.current_task = t
+            for p in layer.adapter_parameters():
+                strategy.optimizer.state.pop(p, None)
+        strategy.optimizer.state.pop(mags.current, None)
+
+    def after_training_exp(self, strategy, **kwargs):
+        t = int(strategy.experience.current_experience)
+        self.trained_tasks.append(t)
+        self.pending_task = t
+
+    def parameter_report(self, model: nn.Module) -> dict:
+        """Every direction and magnitude is used at inference: stored = inference = all of it (the current factors
+        are not counted before a task trains them)."""
+        c = count_parameters(model)
+        idle = sum(m.lora_A.numel() + m.lora_B.numel() for m in self._layers(model) if m.current_task is None)
+        return dict(stored=c["total"] - idle, inference=c["total"] - idle)
+
+
+class SDLoRA(MethodStrategy):
+    """Avalanche strategy: ``SupervisedTemplate`` plus :class:`SDLoRAPlugin` (Wu et al., ICLR 2025).
+
+    The paper trains with SGD (lr 8e-3, weight decay 2e-4, cosine); the SD-LoRA options are those of
+    :class:`SDLoRAPlugin`.
+    """
+
+    def __init__(
+        self,
+        *,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        target_modules: Optional[Target] = None,
+        r: int = 10,
+        alpha: Optional[float] = None,
+        dropout: float = 0.0,
+        conv_mode: str = "kxk_1x1",
+        exclude_modules: Optional[Target] = None,
+        trainable_modules="auto",
+        magnitude_init: float = 0.8,
+        masked_loss: bool = True,
+        **base_kwargs,
+    ):
+        super().__init__(
+            method_plugin=SDLoRAPlugin(
+                target_modules=target_modules, r=r, alpha=alpha, dropout=dropout, conv_mode=conv_mode,
+                exclude_modules=exclude_modules, trainable_modules=trainable_modules,
+                magnitude_init=magnitude_init, masked_loss=masked_loss,
+            ),
+            model=model,
+            optimizer=optimizer,
+            **base_kwargs,
+        )
