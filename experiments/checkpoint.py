@@ -26,7 +26,9 @@ SIGNATURE_KEYS = (
     "benchmark", "n_experiences", "data", "task_incremental", "seed", "subset", "eval_subset", "image_size",
     "backbone", "backbone_weights", "keep_head", "method", "r", "alpha", "rslora", "dropout", "conv_mode",
     "target_modules", "exclude_modules", "per_task_bn", "max_kappa", "dense_fraction", "lambda_num", "gate_init",
-    "energy_threshold", "grad_fraction", "alpha0", "beta0", "hidden_size", "bn", "epochs", "batch_size",
+    "energy_threshold", "grad_fraction", "alpha0", "beta0", "hidden_size", "masked_loss", "lamb", "lame",
+    "cov_fraction", "magnitude_init", "lambda_orth", "lambda_l2", "slow_lr", "shared_lr", "reg", "lora_momentum",
+    "ca_method", "n_centroids", "ca_epochs", "ca_lr", "ca_samples", "bn", "epochs", "batch_size",
     "optimizer", "lr", "momentum", "weight_decay", "eval_on",
 )
 

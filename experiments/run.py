@@ -26,7 +26,7 @@ import numpy as np
 
 __all__ = ["main", "parse_config", "run", "evaluate_checkpoint", "METHODS", "BENCHMARKS", "DEFAULTS"]
 
-METHODS = ("naive", "merge_lora", "per_task_lora", "codyra", "eblora")
+METHODS = ("naive", "merge_lora", "per_task_lora", "codyra", "eblora", "inflora", "sd_lora", "o_lora", "hide_lora")
 BENCHMARKS = ("split_cifar10", "split_cifar100", "arrays")
 
 DEFAULTS = dict(
@@ -60,6 +60,22 @@ DEFAULTS = dict(
     alpha0=0.0,
     beta0=0.0,
     hidden_size=None,
+    masked_loss=None,  # the method's default: on for inflora, sd_lora, hide_lora; off for o_lora
+    lamb=0.95,
+    lame=1.0,
+    cov_fraction=1.0,
+    magnitude_init=0.8,
+    lambda_orth=0.5,
+    lambda_l2=0.0,
+    slow_lr=0.1,
+    shared_lr=None,
+    reg=0.001,
+    lora_momentum=0.1,
+    ca_method="multi-centroid",
+    n_centroids=10,
+    ca_epochs=30,
+    ca_lr=0.005,
+    ca_samples=None,
     bn="auto",
     epochs=1,
     batch_size=64,
@@ -82,6 +98,7 @@ DEFAULTS = dict(
 _CHOICES = dict(
     benchmark=BENCHMARKS, method=METHODS, conv_mode=("kxk_1x1", "loralib"), bn=("auto", "train", "frozen"),
     optimizer=("sgd", "adam", "adamw"), eval_on=("seen", "all"), device=None, gate_init=("randn", "ones"),
+    ca_method=("multi-centroid", "variance", "covariance"),
 )
 
 
@@ -131,6 +148,25 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--alpha0", type=float, help="eblora: depth-aware initial magnitude, base (0)")
     g.add_argument("--beta0", type=float, help="eblora: depth-aware initial magnitude, slope (0)")
     g.add_argument("--hidden-size", type=int, help="eblora: c in the sqrt(c/r) update rescale (off)")
+    g.add_argument("--masked-loss", dest="masked_loss", action="store_true",
+                   help="inflora/sd_lora/hide_lora/o_lora: cross-entropy over the current experience's classes only "
+                        "(default on, except o_lora)")
+    g.add_argument("--no-masked-loss", dest="masked_loss", action="store_false", help="plain cross-entropy")
+    g.add_argument("--lamb", type=float, help="inflora: first DualGPM energy threshold (0.95)")
+    g.add_argument("--lame", type=float, help="inflora: last DualGPM energy threshold (1.0)")
+    g.add_argument("--cov-fraction", type=float, help="inflora: data share for the covariance passes (1.0)")
+    g.add_argument("--magnitude-init", type=float, help="sd_lora: initial magnitude of each direction (0.8)")
+    g.add_argument("--lambda-orth", type=float, help="o_lora: orthogonality loss weight (0.5)")
+    g.add_argument("--lambda-l2", type=float, help="o_lora: L2 weight on the new LoRA (0)")
+    g.add_argument("--slow-lr", type=float, help="hide_lora: shared LoRA lr factor after task 1 (0.1)")
+    g.add_argument("--shared-lr", type=float, help="hide_lora: shared model lr (default --lr)")
+    g.add_argument("--reg", type=float, help="hide_lora: contrastive regulariser weight (0.001)")
+    g.add_argument("--lora-momentum", type=float, help="hide_lora: end-of-task blend with earlier slots (0.1)")
+    g.add_argument("--ca-method", choices=_CHOICES["ca_method"], help="hide_lora: classifier-alignment statistics")
+    g.add_argument("--n-centroids", type=int, help="hide_lora: k-means clusters per class (10)")
+    g.add_argument("--ca-epochs", type=int, help="hide_lora: classifier-alignment epochs (30)")
+    g.add_argument("--ca-lr", type=float, help="hide_lora: classifier-alignment lr (0.005)")
+    g.add_argument("--ca-samples", type=int, help="hide_lora: sampled features per class and centroid (5 x batch)")
     g = p.add_argument_group("training")
     g.add_argument("--epochs", type=int)
     g.add_argument("--batch-size", type=int)
@@ -278,7 +314,7 @@ def _optimizer(cfg, params):
 
 def build_strategy(cfg: dict, model, common: dict):
     """The Avalanche strategy of ``cfg["method"]`` (its plugin is ``strategy.method_plugin``)."""
-    from strategies import EBLoRA, CoDyRA, DistributedTemplate, MergeLoRA, PerTaskLoRA
+    from strategies import EBLoRA, CoDyRA, DistributedTemplate, HiDeLoRA, InfLoRA, MergeLoRA, OLoRA, PerTaskLoRA, SDLoRA
 
     opt = _optimizer(cfg, model.parameters())
     if cfg["method"] == "naive":  # Avalanche's Naive is this template with no plugin; ours also runs under DDP
@@ -305,6 +341,27 @@ def build_strategy(cfg: dict, model, common: dict):
         return EBLoRA(model=model, optimizer=opt, **lora, energy_threshold=cfg["energy_threshold"],
                       grad_fraction=cfg["grad_fraction"], alpha0=cfg["alpha0"], beta0=cfg["beta0"],
                       hidden_size=cfg["hidden_size"], **common)
+    masked = {} if cfg["masked_loss"] is None else dict(masked_loss=bool(cfg["masked_loss"]))
+    if cfg["method"] == "inflora":
+        if cfg["conv_mode"] != "kxk_1x1":
+            raise ValueError("inflora designs A on the kxk_1x1 conv shape only; drop --conv-mode loralib.")
+        return InfLoRA(model=model, optimizer=opt, **lora, lamb=cfg["lamb"], lame=cfg["lame"],
+                       n_tasks=cfg["n_experiences"], cov_fraction=cfg["cov_fraction"], **masked, **common)
+    if cfg["method"] == "sd_lora":
+        return SDLoRA(model=model, optimizer=opt, **lora, **conv, magnitude_init=cfg["magnitude_init"], **masked,
+                      **common)
+    if cfg["method"] == "o_lora":
+        return OLoRA(model=model, optimizer=opt, **lora, **conv, lambda_orth=cfg["lambda_orth"],
+                     lambda_l2=cfg["lambda_l2"], **masked, **common)
+    if cfg["method"] == "hide_lora":
+        if cfg["task_incremental"]:
+            raise ValueError("hide_lora is class-incremental (it infers the task); drop --task-incremental.")
+        if cfg["masked_loss"] is False:
+            raise ValueError("hide_lora always trains with the masked loss; drop --no-masked-loss.")
+        return HiDeLoRA(model=model, optimizer=opt, **lora, **conv, slow_lr=cfg["slow_lr"], shared_lr=cfg["shared_lr"],
+                        reg=cfg["reg"], lora_momentum=cfg["lora_momentum"], ca_method=cfg["ca_method"],
+                        n_centroids=cfg["n_centroids"], ca_epochs=cfg["ca_epochs"], ca_lr=cfg["ca_lr"],
+                        ca_samples=cfg["ca_samples"], **common)
     raise ValueError(f"Unknown method {cfg['method']!r}; choose one of {', '.join(METHODS)}.")
 
 
@@ -318,6 +375,7 @@ def _write_json(path: Path, obj) -> None:
 
 
 _ACC_RE = re.compile(r"Top1_Acc_Exp/eval_phase/test_stream/Task\d+/Exp(\d+)$")
+_TII_RE = re.compile(r"TII_Acc_Exp/eval_phase/test_stream/Exp(\d+)$")
 
 
 def summarize(matrix: list[list[float | None]], initial: list[float | None] | None = None) -> dict:
@@ -419,6 +477,7 @@ def run(cfg: dict) -> dict:
         PretrainingRetentionPluginMetric,
         RankUsagePluginMetric,
         SpectralEnergyPluginMetric,
+        TaskInferenceAccuracyPluginMetric,
     )
 
     t_start = time.perf_counter()
@@ -457,7 +516,8 @@ def run(cfg: dict) -> dict:
         if cfg["progress"]:
             loggers.insert(0, InteractiveLogger())
     ours = dict(growth=ParameterGrowthPluginMetric(), curve=AccuracyCurvePluginMetric(),
-                ranks=RankUsagePluginMetric(), spectra=SpectralEnergyPluginMetric())
+                ranks=RankUsagePluginMetric(), spectra=SpectralEnergyPluginMetric(),
+                tii=TaskInferenceAccuracyPluginMetric())
     if cfg["retention_data"]:
         ours["retention"] = PretrainingRetentionPluginMetric(
             build_retention_dataset(cfg, bm.normalization), pretrained_head, batch_size=cfg["eval_batch_size"])
@@ -549,6 +609,13 @@ def run(cfg: dict) -> dict:
                 if m and int(m.group(1)) < (i + 1 if cfg["eval_on"] == "seen" else T):
                     row[int(m.group(1))] = float(value)
             results["accuracy_matrix"].append(row)
+            tii = [None] * T
+            for name, value in last.items():
+                m = _TII_RE.match(name)
+                if m:
+                    tii[int(m.group(1))] = float(value)
+            if any(v is not None for v in tii):  # methods that infer the task (hide_lora)
+                results.setdefault("tii_accuracy", []).append(tii)
             results["parameters"].append(ours["growth"].result())
             results["train_time_s"].append(t1 - t0)
             results["train_iterations"].append(strategy.clock.train_exp_iterations)
@@ -568,6 +635,8 @@ def run(cfg: dict) -> dict:
                 results["rank_history"] = plugin.rank_history
             if hasattr(plugin, "subspace_history"):
                 results["subspace_history"] = plugin.subspace_history
+            if hasattr(plugin, "orth_history"):
+                results["orth_loss_history"] = plugin.orth_history
             if distributed:
                 results["distributed"]["ranks_in_sync"].append(_ranks_in_sync(unwrap(strategy.model)))
             results["wall_time_s"] = results.get("wall_time_s_before_resume", 0.0) + time.perf_counter() - t_start
@@ -694,6 +763,9 @@ def _print_summary(res: dict) -> None:
     p = res["parameters"][-1]
     print(f"parameters: trainable {p['trainable']:,}  adapter {p['adapter']:,}  total {p['total']:,}  "
           f"stored {p['stored']:,}  inference {p['inference']:,}")
+    if res.get("tii_accuracy"):
+        print("task-identity inference accuracy after the last experience: "
+              + " ".join("  -  " if v is None else f"{v:.3f}" for v in res["tii_accuracy"][-1]))
     print(f"wall time: {res['wall_time_s']:.1f} s")
 
 

@@ -158,8 +158,8 @@ class InfLoRAPlugin(ClassMaskMixin, AdapterPluginMixin, SupervisedPlugin, suppor
                     c = layer.base_layer
                     x = F.unfold(x, c.kernel_size, dilation=c.dilation, padding=c.padding, stride=c.stride)
                     x = x.transpose(1, 2)
-                x = x.reshape(-1, x.shape[-1]).double()
-                h = x.T @ x
+                x = x.reshape(-1, x.shape[-1])
+                h = (x.T @ x).double()  # the product in the input's precision, the sum over batches in double
                 cov[name] = h if cov[name] is None else cov[name] + h
                 count[name] += x.shape[0]
             return fn
