@@ -63,3 +63,13 @@ def tiny_bm(tmp_path):
     path = tmp_path / "c10.npz"
     np.savez(path, x_train=x, y_train=y, x_test=x[::4], y_test=y[::4])
     return split_cifar10(2, seed=0, data=path)
+
+
+def small_model(kind: str):
+    """``(model, target_modules)``: a random-init CIFAR ResNet-20 with LoRA targets on its last stage's convs, or a
+    2-block ViT with targets on qkv and fc2 (the two backbone families every method is tested on)."""
+    from models import cifar_resnet, vit_cifar
+
+    if kind == "resnet":
+        return cifar_resnet(20, 10), r"layer3\.\d+\.conv[12]"
+    return vit_cifar(10, depth=2, embed_dim=48, num_heads=3), ["attn.qkv", "mlp.fc2"]
