@@ -23,6 +23,13 @@ from .base import AdapterPluginMixin, ClassMaskMixin, MethodStrategy, experience
 __all__ = ["InfLoRAPlugin", "InfLoRA", "dualgpm_update"]
 
 
+def left_singular(M: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left singular vectors and squared singular values of a square ``M``, largest first, from the symmetric
+    eigendecomposition of ``M Mᵀ`` (several times faster than an SVD; the energies ``σ²`` come out directly)."""
+    lam, U = torch.linalg.eigh(M @ M.T)
+    return U.flip(1), lam.flip(0).clamp_min(0)
+
+
 def dualgpm_update(F_: torch.Tensor | None, kind: str | None, H: torch.Tensor, threshold: float):
     """One DualGPM step (InfLoRA's ``update_DualGPM``) for a layer with input covariance ``H`` (d × d).
 
@@ -34,8 +41,7 @@ def dualgpm_update(F_: torch.Tensor | None, kind: str | None, H: torch.Tensor, t
     d = H.shape[0]
     H = H.double()
     F_ = None if F_ is None else F_.to(H)
-    U, S, _ = torch.linalg.svd(H)
-    energy = S ** 2
+    U, energy = left_singular(H)
     total = float(energy.sum())
     if total == 0.0:
         return F_, kind
@@ -43,29 +49,27 @@ def dualgpm_update(F_: torch.Tensor | None, kind: str | None, H: torch.Tensor, t
         k = int((torch.cumsum(energy, 0) / total < threshold).sum())
         F_, kind = U[:, : max(k, 1)], "remove"
     elif kind == "remove":
-        R = H - F_ @ (F_.T @ H)
-        Ur, Sr, _ = torch.linalg.svd(R)
-        acc = (total - float((Sr ** 2).sum())) / total
+        Ur, Er = left_singular(H - F_ @ (F_.T @ H))
+        acc = (total - float(Er.sum())) / total
         k = 0
-        while acc < threshold and k < len(Sr):
-            acc += float(Sr[k] ** 2) / total
+        while acc < threshold and k < len(Er):
+            acc += float(Er[k]) / total
             k += 1
         if k:
             F_ = torch.cat([F_, Ur[:, :k]], 1)[:, :d]
     else:
-        Hh = F_ @ (F_.T @ H)
-        Uh, Sh, _ = torch.linalg.svd(Hh)
-        acc = float((Sh ** 2).sum()) / total  # energy still in the allowed space
+        Uh, Eh = left_singular(F_ @ (F_.T @ H))
+        acc = float(Eh.sum()) / total  # energy still in the allowed space
         k = 0
-        while acc >= 1 - threshold and k < min(len(Sh), F_.shape[1]):
-            acc -= float(Sh[k] ** 2) / total
+        while acc >= 1 - threshold and k < min(len(Eh), F_.shape[1]):
+            acc -= float(Eh[k]) / total
             k += 1
         if k:
             Fm = F_ - Uh[:, :k] @ (Uh[:, :k].T @ F_)
             F_ = torch.linalg.svd(Fm, full_matrices=False)[0][:, : F_.shape[1] - k]
     if kind == "remove" and F_.shape[1] > d / 2:
-        Uf = torch.linalg.svd(F_, full_matrices=True)[0]
-        F_, kind = Uf[:, F_.shape[1]:], "retain"
+        Q = torch.linalg.qr(F_, mode="complete")[0]  # orthonormal F: the last d - k columns span its complement
+        F_, kind = Q[:, F_.shape[1]:], "retain"
     return F_.contiguous(), kind
 
 
@@ -191,7 +195,7 @@ class InfLoRAPlugin(ClassMaskMixin, AdapterPluginMixin, SupervisedPlugin, suppor
                 if F_ is not None:
                     F_ = F_.to(H)
                     H = H - F_ @ (F_.T @ H) if kind == "remove" else F_ @ (F_.T @ H)
-                U = torch.linalg.svd(H)[0][:, : layer.r]
+                U = left_singular(H)[0][:, : layer.r]
                 A = U.T
                 if F_ is not None:  # exactly inside the allowed space (directions of zero energy included)
                     A = A - (A @ F_) @ F_.T if kind == "remove" else (A @ F_) @ F_.T

@@ -185,12 +185,68 @@ def test_per_task_class_il_with_eval_on_all_measures_before_training(tmp_path, c
     assert all(v is not None for row in res["accuracy_matrix"] for v in row)
 
 
-@pytest.mark.parametrize("name", ["default", "merge_lora", "naive", "per_task_lora", "codyra", "eblora"])
+@pytest.mark.parametrize("name", ["default", "merge_lora", "naive", "per_task_lora", "codyra", "eblora", "inflora",
+                                  "sd_lora", "o_lora", "hide_lora"])
 def test_shipped_configs_parse(name):
     from pathlib import Path
 
+    from experiments.run import METHODS
+
     cfg = parse_config(["--config", str(Path(__file__).parents[1] / "experiments" / "configs" / f"{name}.yaml")])
-    assert cfg["method"] in ("merge_lora", "naive", "per_task_lora", "codyra", "eblora")
+    assert cfg["method"] in METHODS and cfg["method"] == (name if name != "default" else "merge_lora")
+
+
+@pytest.mark.parametrize("method", ["inflora", "sd_lora", "o_lora", "hide_lora"])
+@pytest.mark.parametrize("backbone", ["cifar_resnet20", "vit_cifar"])
+def test_peer_methods_run_class_incremental_from_the_cli(tmp_path, capsys, method, backbone):
+    data = _made_data(tmp_path)
+    res, _, stdout = _run(
+        tmp_path, capsys, "--benchmark", "arrays", "--data", str(data), "--n-experiences", "2", "--method", method,
+        "--backbone", backbone, "--batch-size", "8", "--r", "2", "--lr", "0.01", "--ca-epochs", "2",
+        "--n-centroids", "2",
+    )
+    assert res["finished"] and len(res["accuracy_matrix"]) == 2
+    p0, p1 = res["parameters"]
+    assert p1["stored"] > p0["stored"], "each task adds its adapter (and, for hide_lora, statistics)"
+    assert p1["inference"] <= p1["stored"]
+    if method == "hide_lora":
+        assert len(res["tii_accuracy"]) == 2 and res["tii_accuracy"][0][0] == 1.0  # one task: always right
+        assert "task-identity inference accuracy" in stdout
+    else:
+        assert "tii_accuracy" not in res
+    if method == "inflora":
+        assert [h["threshold"] for h in res["subspace_history"]] == pytest.approx([0.95, 0.975])
+    if method == "o_lora":
+        assert len(res["orth_loss_history"]) == 2
+
+
+@pytest.mark.parametrize("method", ["inflora", "sd_lora", "o_lora"])
+def test_peer_methods_run_task_incremental(tmp_path, capsys, method):
+    data = _made_data(tmp_path)
+    res, _, _ = _run(tmp_path, capsys, "--benchmark", "arrays", "--data", str(data), "--n-experiences", "2",
+                     "--method", method, "--backbone", "cifar_resnet20", "--batch-size", "8", "--r", "2",
+                     "--task-incremental")
+    assert res["finished"] and res["benchmark"]["scenario"] == "task-incremental"
+
+
+def test_hide_lora_refuses_task_incremental(tmp_path, capsys):
+    data = _made_data(tmp_path)
+    code = main(["--benchmark", "arrays", "--data", str(data), "--n-experiences", "2", "--method", "hide_lora",
+                 "--backbone", "cifar_resnet20", "--task-incremental", "--out", str(tmp_path / "o")])
+    assert code == 2 and "drop --task-incremental" in capsys.readouterr().err
+
+
+def test_hide_lora_on_real_cifar10(tmp_path, capsys, cifar10_npz, resnet32_weights):
+    """The whole hierarchy on real images and the pretrained ResNet-32: task inference far above chance."""
+    res, _, _ = _run(
+        tmp_path, capsys, "--benchmark", "split_cifar10", "--n-experiences", "2", "--method", "hide_lora",
+        "--backbone", "cifar_resnet32", "--backbone-weights", str(resnet32_weights), "--data", str(cifar10_npz),
+        "--subset", "200", "--eval-subset", "100", "--batch-size", "32", "--lr", "0.05", "--seed", "0",
+        "--ca-epochs", "5",
+    )
+    m, tii = res["accuracy_matrix"], res["tii_accuracy"]
+    assert m[0][0] > 0.5 and m[1][1] > 0.4 and m[1][0] > 0.3  # 5 classes per experience: chance 0.2
+    assert sum(tii[1]) / 2 > 0.6  # two tasks: chance 0.5
 
 
 def test_report_table_from_two_runs(tmp_path, capsys):
