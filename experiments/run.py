@@ -131,7 +131,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="BatchNorm while training: frozen (eval mode, fixed) or train; auto = frozen with weights")
     g = p.add_argument_group("method")
     g.add_argument("--method", choices=METHODS, help="default merge_lora; naive = Avalanche's fine-tuning")
-    g.add_argument("--r", type=int, help="LoRA rank (default 4)")
+    g.add_argument("--r", "--lora-r", dest="r", type=int,
+                   help="LoRA rank (default 4); under torchrun write --lora-r (torchrun takes --r for its own --rdzv-*)")
     g.add_argument("--alpha", type=float, help="LoRA alpha (default: r, i.e. scale 1)")
     g.add_argument("--rslora", action="store_true", help="scale alpha/sqrt(r)")
     g.add_argument("--dropout", type=float, help="LoRA dropout (default 0)")
@@ -638,7 +639,7 @@ def run(cfg: dict) -> dict:
             if hasattr(plugin, "orth_history"):
                 results["orth_loss_history"] = plugin.orth_history
             if distributed:
-                results["distributed"]["ranks_in_sync"].append(_ranks_in_sync(unwrap(strategy.model)))
+                results["distributed"]["ranks_in_sync"].append(_ranks_in_sync(unwrap(strategy.model), plugin))
             results["wall_time_s"] = results.get("wall_time_s_before_resume", 0.0) + time.perf_counter() - t_start
             if main_process:
                 _write_json(out / "results.json", results)
@@ -709,14 +710,32 @@ def _init_distributed(cfg: dict) -> bool:
     return True
 
 
-def _ranks_in_sync(model) -> bool:
-    """Whether every rank holds bit-identical parameters and buffers; raises, naming the tensors, if not."""
+def _tensors(obj, prefix: str):
+    """Every tensor inside nested dicts / lists, by dotted path."""
+    import torch
+
+    if isinstance(obj, torch.Tensor):
+        yield prefix, obj
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from _tensors(v, f"{prefix}.{k}")
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            yield from _tensors(v, f"{prefix}.{i}")
+
+
+def _ranks_in_sync(model, plugin=None) -> bool:
+    """Whether every rank holds bit-identical parameters and buffers, and the same tensors in the method plugin's
+    state (e.g. HiDe-LoRA's second model, statistics, subspaces); raises, naming the tensors, if not."""
     import hashlib
 
     from avalanche.distributed import DistributedHelper
 
+    named = dict(model.state_dict())
+    if plugin is not None and hasattr(plugin, "state_dict"):
+        named.update(_tensors(plugin.state_dict(), "plugin"))
     mine = {k: hashlib.sha256(v.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
-            for k, v in model.state_dict().items()}
+            for k, v in named.items()}
     everyone = DistributedHelper.gather_all_objects(mine)
     differ = sorted(k for k in mine if len({d.get(k) for d in everyone}) != 1)
     if differ:

@@ -268,7 +268,8 @@ def build_backbone(
             depth = -1
         if depth not in _CIFAR_RESNET_FILES:
             raise ValueError(f"Unknown backbone {name!r}; CIFAR ResNets: cifar_resnet20, 32, 44, 56.")
-        return cifar_resnet(depth, None if keep_pretrained_head else num_classes,
+        keep = keep_pretrained_head and (pretrained or weights is not None)  # no weights: no head to keep
+        return cifar_resnet(depth, None if keep else num_classes,
                             weights="pretrained" if pretrained else weights)
     if name == "vit_cifar":
         if pretrained:

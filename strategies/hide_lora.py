@@ -264,6 +264,9 @@ class HiDeLoRAPlugin(ClassMaskMixin, AdapterPluginMixin, SupervisedPlugin, suppo
         if self._hook is not None:
             self._hook.remove()
             self._hook, self._features = None, None
+        if DistributedHelper.is_distributed:  # its BatchNorm statistics saw each rank's shard: take rank 0's
+            for b in self.shared_model.buffers():
+                torch.distributed.broadcast(b, src=0)
         pool = self._pool(strategy.model)
         with torch.no_grad():
             if self.trained_tasks and self.lora_momentum:

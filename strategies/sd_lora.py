@@ -83,9 +83,19 @@ class SDLoRAPlugin(ClassMaskMixin, AdapterPluginMixin, SupervisedPlugin, support
     def magnitudes(self, model) -> LoRAMagnitudes:
         return getattr(unwrap(model), MAGNITUDES)
 
+    def _restore_pending(self, model) -> None:
+        # a checkpoint restores the factors but not which task the layers are on: the pending one is still summed in
+        if self.pending_task is not None:
+            for layer in self._layers(model):
+                layer.current_task = self.pending_task
+
+    def before_eval(self, strategy, **kwargs):
+        self._restore_pending(strategy.model)
+
     def before_train_dataset_adaptation(self, strategy, **kwargs):
         if self.pending_task is None:
             return
+        self._restore_pending(strategy.model)
         t = self.pending_task
         for layer in self._layers(strategy.model):
             layer.store_adapter(t)  # the normalised direction, frozen

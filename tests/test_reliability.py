@@ -164,3 +164,58 @@ def test_unknown_choices_exit_with_usage(flag, capsys):
     with pytest.raises(SystemExit) as e:
         parse_config(flag)
     assert e.value.code == 2 and "invalid choice" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("method", ["inflora", "sd_lora", "o_lora", "hide_lora"])
+def test_peer_methods_resume_to_the_uninterrupted_result(tmp_path, capsys, monkeypatch, method):
+    """A run stopped after its second checkpoint and resumed gives the uninterrupted run's numbers: the plugins'
+    state (subspaces, pending directions and magnitudes, the shared model and class statistics) survives."""
+    import experiments.checkpoint as ckpt
+
+    data = _made_data(tmp_path, per_class=12)
+    args = ["--benchmark", "arrays", "--data", str(data), "--n-experiences", "3", "--backbone", "cifar_resnet20",
+            "--method", method, "--batch-size", "8", "--r", "2", "--seed", "1", "--threads", "1", "--no-progress",
+            "--ca-epochs", "2", "--n-centroids", "2", "--lr", "0.02"]
+    assert main(args + ["--out", str(tmp_path / "ref")]) == 0
+    reference = json.loads((tmp_path / "ref" / "results.json").read_text())
+    assert evaluate_checkpoint(parse_config(args + ["--out", str(tmp_path / "ref")])) == \
+        reference["accuracy_matrix"][-1]
+
+    real_save, calls = ckpt.save_checkpoint, []
+
+    def save_then_die(*a, **kw):
+        real_save(*a, **kw)
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt("killed after the second experience")
+
+    monkeypatch.setattr(ckpt, "save_checkpoint", save_then_die)
+    out = tmp_path / "killed"
+    with pytest.raises(KeyboardInterrupt):
+        main(args + ["--out", str(out)])
+    monkeypatch.setattr(ckpt, "save_checkpoint", real_save)
+    assert main(args + ["--out", str(out), "--resume"]) == 0
+    resumed = json.loads((out / "results.json").read_text())
+    assert resumed["resumed_at"] == [2]
+    assert resumed["accuracy_matrix"] == reference["accuracy_matrix"]
+    assert [p["stored"] for p in resumed["parameters"]] == [p["stored"] for p in reference["parameters"]]
+    assert resumed.get("tii_accuracy") == reference.get("tii_accuracy")
+
+
+@pytest.mark.parametrize("method", ["sd_lora", "hide_lora"])
+def test_torchrun_ddp_peer_methods_stay_in_sync(tmp_path, method):
+    """SD-LoRA adds a magnitude parameter per task, HiDe-LoRA trains a second model outside DDP: both keep the
+    ranks bit-identical and report the single-process numbers."""
+    data = _made_data(tmp_path, n_classes=4, per_class=24)
+    out = tmp_path / "ddp"
+    run_args = ["--benchmark", "arrays", "--data", str(data), "--n-experiences", "2", "--backbone",
+                "cifar_resnet20", "--method", method, "--batch-size", "8", "--lora-r", "2", "--epochs", "2", "--seed", "3",
+                "--ca-epochs", "2", "--n-centroids", "2", "--out", str(out), "--no-progress", "--threads", "1"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+         "experiments.run", *run_args], env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads((out / "results.json").read_text())
+    assert res["finished"] and res["distributed"]["ranks_in_sync"] == [True, True]
+    assert evaluate_checkpoint(parse_config(run_args)) == res["accuracy_matrix"][-1]
