@@ -17,7 +17,16 @@ __all__ = ["StiefelLoRAMixin", "StiefelLoRALinear", "StiefelLoRAConv2d", "polar"
 
 
 def polar(m: Tensor) -> Tensor:
-    """The orthonormal factor of the polar decomposition (the closest matrix with orthonormal columns)."""
+    """The orthonormal factor of the polar decomposition (the closest matrix with orthonormal columns); batched
+    over leading dimensions.
+
+    Computed as ``M (MᵀM)^(-1/2)`` from the eigendecomposition of the small r × r Gram matrix in float64 (EBLoRA
+    calls this on every layer after every step; an SVD of the tall M costs several times more), falling back to
+    ``U Vᵀ`` of an SVD when M is near rank-deficient."""
+    m64 = m.double()
+    lam, Q = torch.linalg.eigh(m64.mT @ m64)
+    if bool((lam[..., 0] > 1e-10 * lam[..., -1].clamp_min(1e-300)).all()):
+        return (m64 @ (Q * lam.rsqrt().unsqueeze(-2)) @ Q.mT).to(m.dtype)
     u, _, vh = torch.linalg.svd(m, full_matrices=False)
     return u @ vh
 

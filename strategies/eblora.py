@@ -176,37 +176,65 @@ class EBLoRAPlugin(AdapterPluginMixin, SupervisedPlugin, supports_distributed=Tr
                 strategy.optimizer.state.pop(p, None)
 
     # -- Riemannian AdamW around the strategy's optimizer step --------------------------------------------------
+    # Layers of one shape are handled together (stacked, one batched product / SVD per group): a ResNet-32 has 30
+    # adapted convs but 5 shapes, and per-layer small ops made EBLoRA's step 1.20x plain LoRA's.
+    def _shape_groups(self, layers):
+        """``[(layers, F)]``: layers with the same (fan_out, fan_in, r), their subspaces stacked with zero columns
+        padding them to the group's largest (zero columns project nothing)."""
+        key = [(m.fan_out, m.fan_in, m.r, m.subspace.shape[1], m.subspace.data_ptr()) for m in layers]
+        if getattr(self, "_groups_key", None) != key:
+            by_shape: dict = {}
+            for m in layers:
+                by_shape.setdefault((m.fan_out, m.fan_in, m.r), []).append(m)
+            groups = []
+            for ms in by_shape.values():
+                k = max(m.subspace.shape[1] for m in ms)
+                F = None
+                if k:
+                    F = torch.zeros(len(ms), ms[0].fan_in, k, dtype=ms[0].subspace.dtype, device=ms[0].subspace.device)
+                    for j, m in enumerate(ms):
+                        F[j, :, : m.subspace.shape[1]] = m.subspace
+                groups.append((ms, F))
+            self._groups, self._groups_key = groups, key
+        return self._groups
+
     @torch.no_grad()
     def before_update(self, strategy, **kwargs):
         self._old = []
-        for layer in self._layers(strategy.model):
-            U, V, F = layer.U(), layer.V(), layer.subspace
-            self._old.append((U.clone(), V.clone()))
-            if layer.lora_B.grad is not None:
-                gU = layer.lora_B.grad.view(layer.fan_out, layer.r)
-                gU -= U @ (gU.T @ U)
-            if layer.lora_A.grad is not None:
-                gV = layer.lora_A.grad.view(layer.r, layer.fan_in).T  # a view: edits the gradient in place
-                if F.numel():
-                    gV -= F @ (F.T @ gV)
-                gV -= V @ (gV.T @ V)
+        for ms, F in self._shape_groups(self._layers(strategy.model)):
+            U = torch.stack([m.U() for m in ms])
+            V = torch.stack([m.V() for m in ms])
+            self._old.append((U, V))  # stack copies: the step cannot change them
+            if all(m.lora_B.grad is not None for m in ms):
+                gU = torch.stack([m.lora_B.grad.view(m.fan_out, m.r) for m in ms])
+                gU -= U @ (gU.mT @ U)
+                for m, g in zip(ms, gU):
+                    m.lora_B.grad.view(m.fan_out, m.r).copy_(g)
+            if all(m.lora_A.grad is not None for m in ms):
+                gV = torch.stack([m.lora_A.grad.view(m.r, m.fan_in).T for m in ms])
+                if F is not None:
+                    gV -= F @ (F.mT @ gV)
+                gV -= V @ (gV.mT @ V)
+                for m, g in zip(ms, gV):
+                    m.lora_A.grad.view(m.r, m.fan_in).T.copy_(g)
 
     @torch.no_grad()
     def after_update(self, strategy, **kwargs):
-        for layer, (U0, V0) in zip(self._layers(strategy.model), self._old):
-            F = layer.subspace
-            c = math.sqrt(self.hidden_size / layer.r) if self.hidden_size else 1.0
-            D = (layer.U() - U0) * c
-            D -= U0 @ (D.T @ U0)
+        for (ms, F), (U0, V0) in zip(self._shape_groups(self._layers(strategy.model)), self._old):
+            c = math.sqrt(self.hidden_size / ms[0].r) if self.hidden_size else 1.0
+            D = (torch.stack([m.U() for m in ms]) - U0) * c
+            D -= U0 @ (D.mT @ U0)
             U = polar(U0 + D)
-            D = (layer.V() - V0) * c
-            if F.numel():
-                D -= F @ (F.T @ D)
-            D -= V0 @ (D.T @ V0)
+            D = (torch.stack([m.V() for m in ms]) - V0) * c
+            if F is not None:
+                D -= F @ (F.mT @ D)
+            D -= V0 @ (D.mT @ V0)
             M = V0 + D
-            if F.numel():
-                M -= F @ (F.T @ M)
-            layer.set_factors(U, polar(M))
+            if F is not None:
+                M -= F @ (F.mT @ M)
+            V = polar(M)
+            for m, u, v in zip(ms, U, V):
+                m.set_factors(u, v)
         self._old = []
 
     # -- experience end: merge, grow F, restart ----------------------------------------------------------------

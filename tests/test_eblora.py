@@ -101,3 +101,17 @@ def test_subspace_saved_and_restored():
     fresh = StiefelLoRALinear(nn.Linear(6, 8), r=2)
     fresh.load_state_dict(layer.state_dict())
     torch.testing.assert_close(fresh.subspace, layer.subspace)
+
+
+def test_polar_matches_the_svd_form_batched_and_rank_deficient():
+    from models import polar
+
+    torch.manual_seed(0)
+    M = torch.randn(5, 40, 4)
+    u, _, vh = torch.linalg.svd(M, full_matrices=False)
+    torch.testing.assert_close(polar(M), u @ vh, atol=1e-5, rtol=0)
+    torch.testing.assert_close(polar(M[0]), (u @ vh)[0], atol=1e-5, rtol=0)
+    low = torch.randn(40, 2) @ torch.randn(2, 4)  # rank 2: the Gram form is singular, the SVD form is used
+    P = polar(low)
+    assert P.shape == (40, 4) and torch.isfinite(P).all()
+    torch.testing.assert_close(P.T @ P, torch.eye(4), atol=1e-5, rtol=0)
