@@ -7,8 +7,11 @@ Models (batch 64, 32×32 inputs, r = 8, alpha = 8, no dropout): a ViT (12 blocks
 proj, fc1, fc2), a ResNet-18 with a CIFAR stem (3×3 conv1, no max-pool; LoRA on every 3×3 conv of the stages) and
 the CIFAR ResNet-32 (LoRA on every 3×3 conv of the stages). A training step is forward, cross-entropy, backward and
 an SGD step over the trainable parameters (LoRA: adapters and head). Times are medians over interleaved
-repetitions in one process (the machine is noisy: compare ratios, not absolute times). Peak memory is what three
-training steps add to a freshly built model's resident memory, sampled in a separate process per variant. PEFT
+repetitions in one process (the machine is noisy: compare ratios, not absolute times). "Frozen floor" is a step
+of the backbone with every weight frozen but the head and the backward pass run through every layer (input
+gradients): what any method with adapters in every block pays before its adapters do any work. Peak memory is what
+three training steps add to a freshly built model's resident memory, sampled in a separate process per variant; the
+second table counts exactly the activations saved for the backward pass and the gradients of what trains. PEFT
 (``pip install peft``, a benchmark-only dependency) is optional.
 """
 
@@ -51,12 +54,21 @@ def _base(name: str, quick: bool) -> tuple[nn.Module, object]:
 
 def build(name: str, variant: str, quick: bool = False) -> nn.Module:
     """``variant``: ``full`` (every weight trains), ``ours`` (LoRA, unmerged), ``merged`` (ours merged and
-    unloaded), ``peft`` (PEFT LoRA, head trainable)."""
+    unloaded), ``peft`` (PEFT LoRA, head trainable), ``frozen`` (only the head trains; timed with input gradients,
+    see :func:`_step_fn`)."""
     from models import add_lora, merge_and_unload
 
     torch.manual_seed(0)
     model, targets = _base(name, quick)
     if variant == "full":
+        return model
+    if variant == "frozen":  # nothing but the head trains: with input gradients, the floor of any adapter method
+        from models import find_head
+
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for p in find_head(model)[1].parameters():
+            p.requires_grad_(True)
         return model
     if variant in ("ours", "merged"):
         add_lora(model, targets, r=R, alpha=R)
@@ -75,8 +87,12 @@ def build(name: str, variant: str, quick: bool = False) -> nn.Module:
     raise ValueError(f"Unknown variant {variant!r}.")
 
 
-def _step_fn(model, batch):
+def _step_fn(model, batch, input_grad: bool = False):
+    """One training step. ``input_grad``: the input requires a gradient, so the backward pass runs through every
+    frozen layer as it must for adapters in every block (a frozen model alone would stop at the head)."""
     x, y = batch
+    if input_grad:
+        x = x.clone().requires_grad_(True)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=1e-3)
     model.train()
@@ -98,6 +114,22 @@ def _infer_fn(model, batch):
             model(x)
 
     return infer
+
+
+def saved_activation_mb(model, batch) -> float:
+    """Tensors the forward pass saves for the backward pass (distinct storages), MB: the activation memory of a
+    training step, measured exactly (unlike the resident-memory peak)."""
+    x, _ = batch
+    model.train()
+    seen = {}
+
+    def pack(t):
+        seen[(t.data_ptr(), t.dtype, tuple(t.shape))] = t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(x)
+    return sum(seen.values()) / 2 ** 20
 
 
 def _time(fn, n: int) -> float:
@@ -160,13 +192,13 @@ def main(argv=None) -> int:
         have_peft = True
     except ImportError:
         have_peft = False
-    variants = ["full", "ours", "merged"] + (["peft"] if have_peft else [])
+    variants = ["full", "frozen", "ours", "merged"] + (["peft"] if have_peft else [])
     batch = (torch.randn(args.batch_size, 3, 32, 32), torch.randint(0, 10, (args.batch_size,)))
     rows = {}
     for name in [m.strip() for m in args.models.split(",") if m.strip()]:
         models = {v: build(name, v, args.quick) for v in variants}
-        train = {v: _step_fn(models[v], batch) for v in variants if v != "merged"}
-        infer = {v: _infer_fn(models[v], batch) for v in variants}
+        train = {v: _step_fn(models[v], batch, input_grad=v == "frozen") for v in variants if v != "merged"}
+        infer = {v: _infer_fn(models[v], batch) for v in variants if v != "frozen"}
         infer["base"] = _infer_fn(models["full"], batch)
         t_train = {v: [] for v in train}
         t_infer = {v: [] for v in infer}
@@ -180,7 +212,13 @@ def main(argv=None) -> int:
                     t_infer[v].append(_time(infer[v], args.steps))
         med = lambda xs: statistics.median(xs)  # noqa: E731
         row = dict(full_step=med(t_train["full"]), ours_step=med(t_train["ours"]), base_infer=med(t_infer["base"]),
-                   ours_infer=med(t_infer["ours"]), merged_infer=med(t_infer["merged"]))
+                   ours_infer=med(t_infer["ours"]), merged_infer=med(t_infer["merged"]),
+                   frozen_step=med(t_train["frozen"]))
+        # memory a step needs: activations saved for backward + gradients and SGD state of what trains
+        for v in ("full", "ours"):
+            grads = sum(p.numel() * p.element_size() for p in models[v].parameters() if p.requires_grad) / 2 ** 20
+            row[f"{v}_saved_mb"] = saved_activation_mb(models[v], batch)
+            row[f"{v}_grad_mb"] = grads
         if have_peft:
             row.update(peft_step=med(t_train["peft"]), peft_infer=med(t_infer["peft"]))
         if not args.no_memory and not (args.quick and rows):  # quick: one model's memory is enough
@@ -190,7 +228,7 @@ def main(argv=None) -> int:
 
     print(f"batch {args.batch_size}, r={R}, {args.threads} threads, medians of {args.reps} interleaved repetitions"
           f"{' (quick: small models)' if args.quick else ''}; times in ms")
-    head = ["model", "full step", "ours step", "ours / full"]
+    head = ["model", "full step", "ours step", "ours / full", "frozen floor / full"]
     if have_peft:
         head += ["PEFT step", "PEFT / full"]
     head += ["base infer", "ours unmerged / base", "ours merged / base"]
@@ -201,7 +239,8 @@ def main(argv=None) -> int:
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
     for name, r in rows.items():
-        cells = [name, f"{1e3 * r['full_step']:.1f}", f"{1e3 * r['ours_step']:.1f}", f"{r['ours_step'] / r['full_step']:.2f}"]
+        cells = [name, f"{1e3 * r['full_step']:.1f}", f"{1e3 * r['ours_step']:.1f}", f"{r['ours_step'] / r['full_step']:.2f}",
+                 f"{r['frozen_step'] / r['full_step']:.2f}"]
         if have_peft:
             cells += [f"{1e3 * r['peft_step']:.1f}", f"{r['peft_step'] / r['full_step']:.2f}"]
         cells += [f"{1e3 * r['base_infer']:.1f}", f"{r['ours_infer'] / r['base_infer']:.2f}",
@@ -212,6 +251,13 @@ def main(argv=None) -> int:
             f, o = r.get("full_peak_mb"), r.get("ours_peak_mb")
             cells += [f"{f:.0f}" if f else "-", f"{o:.0f}" if o else "-", f"{o / f:.2f}" if f and o else "-"]
         print("| " + " | ".join(cells) + " |")
+    print("\nactivations saved for backward (exact) and gradients of what trains, MB")
+    print("| model | saved full | saved ours | grads full | grads ours | (saved + grads) ours / full |")
+    print("|---|---|---|---|---|---|")
+    for name, r in rows.items():
+        f_, o_ = r["full_saved_mb"] + r["full_grad_mb"], r["ours_saved_mb"] + r["ours_grad_mb"]
+        print(f"| {name} | {r['full_saved_mb']:.0f} | {r['ours_saved_mb']:.0f} | {r['full_grad_mb']:.1f} | "
+              f"{r['ours_grad_mb']:.1f} | {o_ / f_:.2f} |")
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(rows, fh, indent=2)
