@@ -6,12 +6,18 @@ from experiments import bench_methods, bench_speed
 def test_bench_speed_quick_prints_the_table(capsys, tmp_path):
     assert bench_speed.main(["--quick", "--models", "vit,resnet18,resnet32", "--json", str(tmp_path / "s.json")]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
-    table = [ln for ln in lines if ln.startswith("|")]
-    assert table[0].startswith("| model | full step | ours step | ours / full")
+    tables = "\n".join(lines).split("\n\n")  # the speed table, then the memory table
+    table = [ln for ln in tables[0].splitlines() if ln.startswith("|")]
+    assert table[0].startswith("| model | full step | ours step | ours / full | frozen floor / full")
     assert [row.split("|")[1].strip() for row in table[2:]] == ["vit", "resnet18", "resnet32"]
     for row in table[2:]:
         cells = [c.strip() for c in row.strip("|").split("|")]
-        assert all(c for c in cells[:4]) and float(cells[3]) > 0
+        assert all(c for c in cells[:5]) and float(cells[3]) > 0 and float(cells[4]) > 0
+    memory = [ln for ln in tables[1].splitlines() if ln.startswith("|")]
+    assert memory[0].startswith("| model | saved full | saved ours") and len(memory) == 5
+    for row in memory[2:]:  # LoRA keeps (almost) every activation full fine-tuning keeps
+        cells = [float(c) for c in row.strip("|").split("|")[1:]]
+        assert cells[1] > 0.8 * cells[0] and cells[3] < cells[2]
     assert (tmp_path / "s.json").stat().st_size > 0
 
 
