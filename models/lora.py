@@ -140,12 +140,17 @@ class LoRALayer(nn.Module):
             return self.base_layer(x)
         if self._through_weight():
             # e.g. inference: one pass with W + ΔW (ΔW is small to form) instead of the base pass plus two low-rank
-            return self._forward_with_weight(x, self.base_layer.weight + self.delta_weight())
+            A, B, s = self._effective_factors()
+            return self._forward_with_weight(x, self._weight_plus(A, B, s))
         return self._lora_add(self.base_layer(x), self.lora_dropout(x))
 
     def _forward_with_weight(self, x: Tensor, weight: Tensor) -> Tensor:
         """The base layer's computation with another weight."""
         raise NotImplementedError
+
+    def _weight_plus(self, A: Tensor, B: Tensor, s) -> Tensor:
+        """``W + s · B A`` in the base weight's shape; layer types form it in one fused product-and-add."""
+        return self.base_layer.weight + self._lora_delta(A, B) * s
 
     def _through_weight(self) -> bool:
         """Whether to apply the update as one pass with ``W + ΔW`` (always without gradients; in training where the
@@ -186,6 +191,11 @@ class LoRALinear(LoRALayer):
 
     def _forward_with_weight(self, x: Tensor, weight: Tensor) -> Tensor:
         return F.linear(x, weight, self.base_layer.bias)
+
+    def _weight_plus(self, A: Tensor, B: Tensor, s) -> Tensor:
+        if isinstance(s, Tensor):  # a learnt magnitude: on the small factor, then one addmm
+            return torch.addmm(self.base_layer.weight, B * s, A)
+        return torch.addmm(self.base_layer.weight, B, A, alpha=s)
 
     def _lora_add(self, out: Tensor, x: Tensor) -> Tensor:
         # one fused addmm: the scale goes on the small B, the sum into the product's output
@@ -282,6 +292,17 @@ class LoRAConv2d(LoRALayer):
 
     def _forward_with_weight(self, x: Tensor, weight: Tensor) -> Tensor:
         return self.base_layer._conv_forward(x, weight, self.base_layer.bias)
+
+    def _weight_plus(self, A: Tensor, B: Tensor, s) -> Tensor:
+        w = self.base_layer.weight
+        if isinstance(s, Tensor):
+            B, s = B * s, 1.0
+        if self.conv_mode == "loralib":
+            return torch.addmm(w.view(B.shape[0], A.shape[1]), B, A, alpha=s).view(w.shape)
+        g = self.base_layer.groups
+        a = A.reshape(g, A.shape[0] // g, -1)
+        b = B.reshape(g, w.shape[0] // g, B.shape[1])
+        return torch.baddbmm(w.reshape(g, w.shape[0] // g, -1), b, a, alpha=s).reshape(w.shape)
 
     def _merged_weight_training(self) -> bool:
         """Train through ``conv(x, W + ΔW)`` rather than the two low-rank convs when those are relatively costly:

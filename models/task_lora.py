@@ -71,7 +71,7 @@ class TaskLoRAMixin:
         if len(groups) == 1:
             A, B = self._factors(groups[0][0])
             if self._through_weight():
-                return self._forward_with_weight(x, self.base_layer.weight + self._lora_delta(A, B) * self.scaling)
+                return self._forward_with_weight(x, self._weight_plus(A, B, self.scaling))
             return self.base_layer(x) + self._lora_apply(self.lora_dropout(x), A, B) * self.scaling
         out = self.base_layer(x)
         x = self.lora_dropout(x)
