@@ -15,7 +15,7 @@ from avalanche.core import SupervisedPlugin
 from avalanche.models import avalanche_forward
 from torch import nn
 
-from models.inject import Target, count_parameters
+from models.inject import Target, count_parameters, matches
 from models.sum_lora import SumLoRAConv2d, SumLoRALinear, SumLoRAMixin
 
 from .base import AdapterPluginMixin, ClassMaskMixin, MethodStrategy, experience_loader, unwrap
@@ -132,15 +132,19 @@ class InfLoRAPlugin(ClassMaskMixin, AdapterPluginMixin, SupervisedPlugin, suppor
         self._current_classes: list[int] = []
 
     def prepare(self, model: nn.Module) -> None:
-        super().prepare(model)
-        for name, layer in self._named_layers(unwrap(model)):
-            if isinstance(layer.base_layer, nn.Conv2d):
-                conv = layer.base_layer
-                if conv.groups != 1 or conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+        model = unwrap(model)
+        if not self._named_layers(model):  # check the convs before injecting anything
+            target, exclude = self.lora_kwargs["target_modules"], self.lora_kwargs["exclude_modules"]
+            for name, conv in model.named_modules():
+                if (isinstance(conv, nn.Conv2d) and target is not None and matches(name, conv, target)
+                        and not (exclude is not None and matches(name, conv, exclude))
+                        and (conv.groups != 1 or conv.padding_mode != "zeros" or isinstance(conv.padding, str))):
                     raise ValueError(
                         f"InfLoRA designs A from the input patches of '{name}', which needs an ungrouped conv with "
                         f"numeric zero padding ({conv}); exclude it (exclude_modules)."
                     )
+        super().prepare(model)
+        for _, layer in self._named_layers(model):
             layer.lora_A.requires_grad_(False)  # designed, never trained
 
     def _named_layers(self, model):

@@ -102,3 +102,4 @@ def test_inflora_refuses_grouped_convs():
                        target_modules=["features.2.conv.1.0"], r=96, evaluator=EvaluationPlugin(loggers=[]))
     with pytest.raises(ValueError, match="ungrouped conv"):
         strategy.method_plugin.prepare(model)
+    assert not any(isinstance(m, SumLoRAMixin) for m in model.modules()), "the model must be left untouched"
