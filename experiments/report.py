@@ -5,7 +5,8 @@
 Columns: method, scenario, last accuracy (mean of the accuracy matrix's last row), average incremental accuracy
 (mean over experiences of the accuracy on the experiences seen so far, as PILOT / InfLoRA report "A_avg"),
 forgetting and BWT (Avalanche's definitions), inference and stored parameters after the last experience, train step
-time, and with ``--relative-to`` the step time as a ratio of that run's.
+time, with ``--relative-to`` the step time as a ratio of that run's, and for methods that infer the task
+(HiDe-LoRA) the mean task-identity-inference accuracy after the last experience.
 """
 
 from __future__ import annotations
@@ -45,6 +46,9 @@ def table(runs: list[dict], relative_to: dict | None = None) -> str:
             "inference params", "stored params", "step ms"]
     if relative_to is not None:
         head.append(f"step / {relative_to['method']}")
+    tii = any(r.get("tii_accuracy") for r in runs)
+    if tii:  # methods that infer the task (hide_lora): mean task-identity accuracy after the last experience
+        head.append("TII %")
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in runs:
         p = r["parameters"][-1]
@@ -59,6 +63,9 @@ def table(runs: list[dict], relative_to: dict | None = None) -> str:
         if relative_to is not None:
             ref = relative_to.get("train_step_time_s")
             cells.append("-" if not (step and ref) else f"{step / ref:.2f}")
+        if tii:
+            last = [v for v in (r.get("tii_accuracy") or [[]])[-1] if v is not None]
+            cells.append(_fmt(sum(last) / len(last)) if last else "-")
         rows.append("| " + " | ".join(cells) + " |")
     return "\n".join(rows)
 
