@@ -239,7 +239,8 @@ def main(argv=None) -> int:
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
     for name, r in rows.items():
-        cells = [name, f"{1e3 * r['full_step']:.1f}", f"{1e3 * r['ours_step']:.1f}", f"{r['ours_step'] / r['full_step']:.2f}",
+        cells = [name, f"{1e3 * r['full_step']:.1f}", f"{1e3 * r['ours_step']:.1f}",
+                 f"{r['ours_step'] / r['full_step']:.2f}",
                  f"{r['frozen_step'] / r['full_step']:.2f}"]
         if have_peft:
             cells += [f"{1e3 * r['peft_step']:.1f}", f"{r['peft_step'] / r['full_step']:.2f}"]

@@ -132,7 +132,7 @@ def _parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("method")
     g.add_argument("--method", choices=METHODS, help="default merge_lora; naive = Avalanche's fine-tuning")
     g.add_argument("--r", "--lora-r", dest="r", type=int,
-                   help="LoRA rank (default 4); under torchrun write --lora-r (torchrun takes --r for its own --rdzv-*)")
+                   help="LoRA rank (default 4); under torchrun write --lora-r (torchrun reads --r as its --rdzv-*)")
     g.add_argument("--alpha", type=float, help="LoRA alpha (default: r, i.e. scale 1)")
     g.add_argument("--rslora", action="store_true", help="scale alpha/sqrt(r)")
     g.add_argument("--dropout", type=float, help="LoRA dropout (default 0)")

@@ -20,7 +20,8 @@ from torch import nn
 from models.inject import Target, add_lora, count_parameters, find_head, lora_layers
 from models.task_lora import TaskLoRAConv2d, TaskLoRALinear, TaskLoRAMixin, set_task_routing
 
-from .base import AdapterPluginMixin, ClassMaskMixin, MethodStrategy, all_reduce_, experience_loader, mask_logits, unwrap
+from .base import (AdapterPluginMixin, ClassMaskMixin, MethodStrategy, all_reduce_, experience_loader, mask_logits,
+                   unwrap)
 
 __all__ = ["HiDeLoRAPlugin", "HiDeLoRA", "CA_METHODS", "class_statistics", "sample_features"]
 
@@ -382,7 +383,8 @@ class HiDeLoRAPlugin(ClassMaskMixin, AdapterPluginMixin, SupervisedPlugin, suppo
         pool = self._pool(model)
         current = sum(m.lora_A.numel() + m.lora_B.numel() for m in pool)
         # the shared model's own parameters are its (trainable) LoRA and head; its frozen backbone is the same
-        shared_own = sum(p.numel() for p in self.shared_model.parameters() if p.requires_grad) if self.shared_model else 0
+        shared_own = sum(p.numel() for p in self.shared_model.parameters() if p.requires_grad) \
+            if self.shared_model is not None else 0
         stats = sum(v.numel() for st in (self.stats, self.shared_stats) for s in st.values() for v in s.values())
         stored = c["total"] - current + shared_own + stats
         n = len(self.trained_tasks)

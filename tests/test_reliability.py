@@ -209,8 +209,8 @@ def test_torchrun_ddp_peer_methods_stay_in_sync(tmp_path, method):
     data = _made_data(tmp_path, n_classes=4, per_class=24)
     out = tmp_path / "ddp"
     run_args = ["--benchmark", "arrays", "--data", str(data), "--n-experiences", "2", "--backbone",
-                "cifar_resnet20", "--method", method, "--batch-size", "8", "--lora-r", "2", "--epochs", "2", "--seed", "3",
-                "--ca-epochs", "2", "--n-centroids", "2", "--out", str(out), "--no-progress", "--threads", "1"]
+                "cifar_resnet20", "--method", method, "--batch-size", "8", "--lora-r", "2", "--epochs", "2",
+                "--seed", "3", "--ca-epochs", "2", "--n-centroids", "2", "--out", str(out), "--no-progress", "--threads", "1"]
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
          "experiments.run", *run_args], env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=600,
