@@ -49,6 +49,11 @@ class SumLoRAMixin(TaskLoRAMixin):
             return torch.zeros_like(self.base_layer.weight)
         return self._lora_delta(self.lora_A, self.lora_B) * self.current_coefficient()
 
+    def idle_parameters(self) -> int:
+        """Size of the current factors while they are out of the sum (stored already, or no task started): they
+        serve nothing and are not counted as stored or inference parameters."""
+        return 0 if self.current_task is not None else self.lora_A.numel() + self.lora_B.numel()
+
     def store_adapter(self, task: int) -> None:
         """Freeze the current adapter as bank entry ``task`` and leave it out of the sum from now on."""
         super().store_adapter(task)

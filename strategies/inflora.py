@@ -230,7 +230,7 @@ class InfLoRAPlugin(ClassMaskMixin, AdapterPluginMixin, SupervisedPlugin, suppor
         ``inference``: the same without the bases (every branch is summed at inference)."""
         c = count_parameters(model)
         layers = [m for _, m in self._named_layers(model)]
-        idle = sum(m.lora_A.numel() + m.lora_B.numel() for m in layers if m.current_task is None)
+        idle = sum(m.idle_parameters() for m in layers)
         bases = sum(f.numel() for f in self.subspaces.values())
         return dict(stored=c["total"] - idle + bases, inference=c["total"] - idle)
 

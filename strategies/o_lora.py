@@ -111,7 +111,7 @@ class OLoRAPlugin(ClassMaskMixin, AdapterPluginMixin, SupervisedPlugin, supports
     def parameter_report(self, model: nn.Module) -> dict:
         """Every task's LoRA is kept and summed at inference: stored = inference = backbone + all LoRA + head."""
         c = count_parameters(model)
-        idle = sum(m.lora_A.numel() + m.lora_B.numel() for m in self._layers(model) if m.current_task is None)
+        idle = sum(m.idle_parameters() for m in self._layers(model))
         return dict(stored=c["total"] - idle, inference=c["total"] - idle)
 
 

@@ -122,7 +122,7 @@ class SDLoRAPlugin(ClassMaskMixin, AdapterPluginMixin, SupervisedPlugin, support
         """Every direction and magnitude is used at inference: stored = inference = all of it (the current factors
         are not counted before a task trains them)."""
         c = count_parameters(model)
-        idle = sum(m.lora_A.numel() + m.lora_B.numel() for m in self._layers(model) if m.current_task is None)
+        idle = sum(m.idle_parameters() for m in self._layers(model))
         return dict(stored=c["total"] - idle, inference=c["total"] - idle)
 
 
