@@ -10,6 +10,7 @@ import torch
 from avalanche.benchmarks.utils.data_loader import SingleDatasetDataLoader, collate_from_data_or_kwargs
 from avalanche.core import SupervisedPlugin
 from avalanche.distributed import DistributedHelper
+from avalanche.models import MultiTaskModule
 from avalanche.models.dynamic_optimizers import update_optimizer
 from avalanche.training.plugins.evaluation import default_evaluator
 from avalanche.training.templates import SupervisedTemplate
@@ -53,8 +54,6 @@ class ClassMaskMixin:
     seen_classes: list
 
     def _maskable(self, strategy) -> bool:
-        from avalanche.models import MultiTaskModule
-
         return not isinstance(unwrap(strategy.model), MultiTaskModule)
 
     def _note_classes(self, strategy) -> None:
