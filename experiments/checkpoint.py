@@ -18,23 +18,16 @@ import torch
 from torch import nn
 
 __all__ = ["save_checkpoint", "load_checkpoint", "signature", "restore_optimizer", "restore_rng", "named_optimizer_state",
-           "FORMAT", "SIGNATURE_KEYS"]
+           "FORMAT", "NON_SIGNATURE_KEYS"]
 
 FORMAT = 1
-# what must be equal for a checkpoint to continue this run
-SIGNATURE_KEYS = (
-    "benchmark", "n_experiences", "data", "task_incremental", "seed", "subset", "eval_subset", "image_size",
-    "backbone", "backbone_weights", "keep_head", "method", "r", "alpha", "rslora", "dropout", "conv_mode",
-    "target_modules", "exclude_modules", "per_task_bn", "max_kappa", "dense_fraction", "lambda_num", "gate_init",
-    "energy_threshold", "grad_fraction", "alpha0", "beta0", "hidden_size", "masked_loss", "lamb", "lame",
-    "cov_fraction", "magnitude_init", "lambda_orth", "lambda_l2", "slow_lr", "shared_lr", "reg", "lora_momentum",
-    "ca_method", "n_centroids", "ca_epochs", "ca_lr", "ca_samples", "bn", "epochs", "batch_size",
-    "optimizer", "lr", "momentum", "weight_decay", "eval_on",
-)
+# what may differ between a run and its continuation (everything else in the config must be equal)
+NON_SIGNATURE_KEYS = ("out", "progress", "resume", "threads", "num_workers", "device", "eval_batch_size", "config",
+                      "retention_data", "retention_subset", "dataset_root")
 
 
 def signature(cfg: dict) -> dict:
-    return {k: cfg.get(k) for k in SIGNATURE_KEYS}
+    return {k: v for k, v in cfg.items() if k not in NON_SIGNATURE_KEYS}
 
 
 def named_optimizer_state(optimizer: torch.optim.Optimizer, model: nn.Module) -> dict:
@@ -120,7 +113,7 @@ def load_checkpoint(path: Path, cfg: dict) -> dict:
     if not isinstance(ck, dict) or ck.get("format") != FORMAT:
         raise ValueError(f"{path} is not a checkpoint of format {FORMAT} of this project.")
     saved, now = ck["signature"], signature(cfg)
-    diff = {k: (saved.get(k), now.get(k)) for k in SIGNATURE_KEYS if saved.get(k) != now.get(k)}
+    diff = {k: (saved.get(k), now.get(k)) for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)}
     if diff:
         shown = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in diff.items())
         raise ValueError(f"Checkpoint {path} was written by a different run ({shown}); resume with the same options.")

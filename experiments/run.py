@@ -20,14 +20,33 @@ import random
 import re
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
 
-__all__ = ["main", "parse_config", "run", "evaluate_checkpoint", "METHODS", "BENCHMARKS", "DEFAULTS"]
+__all__ = ["main", "parse_config", "resolve_method", "run", "evaluate_checkpoint", "METHODS", "BENCHMARKS",
+           "DEFAULTS", "TRAINING_OPTIONS"]
 
-METHODS = ("naive", "merge_lora", "per_task_lora", "codyra", "eblora", "inflora", "sd_lora", "o_lora", "hide_lora")
+# third-party import-time noise (Avalanche's optional solvers) that users read as errors; our own warnings stay
+warnings.filterwarnings("ignore", message="no QP solver found")
+warnings.filterwarnings("ignore", message="JAXopt is no longer maintained")
+
+from strategies.recipe import LR_SCHEDULES, OPTIMIZERS, SCHEDULE_STEPS  # noqa: E402
+from strategies.registry import LORA_OPTIONS, method_options, method_registry  # noqa: E402
+
+REGISTRY = method_registry()
+METHODS = tuple(REGISTRY)
 BENCHMARKS = ("split_cifar10", "split_cifar100", "arrays")
+# the options of every method, by name: {option: {method: MethodOption}}
+_METHOD_OPTIONS: dict = {}
+for _name, _cls in REGISTRY.items():
+    for _opt in method_options(_cls).values():
+        _METHOD_OPTIONS.setdefault(_opt.name, {})[_name] = _opt
+# the CLI fills these from the run's set-up; they are not user options
+_DERIVED = ("trainable_modules", "class_incremental")
+# training options: None means the method's recipe (strategies.recipe.TrainingRecipe)
+TRAINING_OPTIONS = ("optimizer", "lr", "momentum", "weight_decay", "betas", "lr_schedule", "warmup", "schedule_step")
 
 DEFAULTS = dict(
     benchmark="split_cifar10",
@@ -43,47 +62,13 @@ DEFAULTS = dict(
     backbone_weights=None,
     keep_head=False,
     method="merge_lora",
-    r=4,
-    alpha=None,
-    rslora=False,
-    dropout=0.0,
-    conv_mode="kxk_1x1",
     target_modules="auto",
-    exclude_modules=None,
     per_task_bn=False,
-    max_kappa=5e-3,
-    dense_fraction=0.5,
-    lambda_num=50,
-    gate_init="randn",
-    energy_threshold=0.99,
-    grad_fraction=0.2,
-    alpha0=0.0,
-    beta0=0.0,
-    hidden_size=None,
-    masked_loss=None,  # the method's default: on for inflora, sd_lora, hide_lora; off for o_lora
-    lamb=0.95,
-    lame=1.0,
-    cov_fraction=1.0,
-    magnitude_init=0.8,
-    lambda_orth=0.5,
-    lambda_l2=0.0,
-    slow_lr=0.1,
-    shared_lr=None,
-    reg=0.001,
-    lora_momentum=0.1,
-    ca_method="multi-centroid",
-    n_centroids=10,
-    ca_epochs=30,
-    ca_lr=0.005,
-    ca_samples=None,
     bn="auto",
     epochs=1,
     batch_size=64,
     eval_batch_size=256,
-    optimizer="sgd",
-    lr=0.01,
-    momentum=0.9,
-    weight_decay=0.0,
+    keep_optimizer_state=False,
     eval_on="seen",
     device="cpu",
     threads=None,
@@ -93,19 +78,38 @@ DEFAULTS = dict(
     resume=False,
     retention_data=None,
     retention_subset=None,
+    **{k: None for k in TRAINING_OPTIONS},
+    **{k: None for k in _METHOD_OPTIONS if k not in ("target_modules", "per_task_bn") + _DERIVED},
 )
 
 _CHOICES = dict(
-    benchmark=BENCHMARKS, method=METHODS, conv_mode=("kxk_1x1", "loralib"), bn=("auto", "train", "frozen"),
-    optimizer=("sgd", "adam", "adamw"), eval_on=("seen", "all"), device=None, gate_init=("randn", "ones"),
-    ca_method=("multi-centroid", "variance", "covariance"),
+    benchmark=BENCHMARKS, method=METHODS, bn=("auto", "train", "frozen"), optimizer=(None,) + OPTIMIZERS,
+    lr_schedule=(None,) + LR_SCHEDULES, schedule_step=(None,) + SCHEDULE_STEPS, eval_on=("seen", "all"),
 )
+_HAND_WRITTEN = ("r", "alpha", "dropout", "conv_mode", "rslora", "target_modules", "exclude_modules", "per_task_bn")
+
+
+def _method_flag_help(name: str, text: str | None = None) -> str:
+    """Help of a method option: its methods, its text (the docstring's, reST roles dropped), each method's
+    default."""
+    owners = _METHOD_OPTIONS[name]
+    if text is None:
+        text = next((o.help for o in owners.values() if o.help), "")
+        text = re.sub(r":\w+:`~?([^`]+)`", r"\1", text).replace("``", "")
+    defaults = {m: o.default for m, o in owners.items()}
+    if len(set(map(repr, defaults.values()))) == 1:
+        dflt = f"default {next(iter(defaults.values()))}"
+    else:
+        dflt = "default " + ", ".join(f"{m} {v}" for m, v in defaults.items())
+    return f"{', '.join(owners)}: {text} ({dflt})".replace("%", "%%")
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m experiments.run",
-        description="Continual learning with low-rank adaptation on Avalanche: one run, results in --out.",
+        description="Continual learning with low-rank adaptation on Avalanche: one run, results in --out. Every "
+                    "method option and training option left unset takes the method's own default (its official "
+                    "code's), so '--method inflora' alone runs InfLoRA as its authors do.",
         argument_default=argparse.SUPPRESS,  # so only flags given on the command line override the config file
     )
     add = p.add_argument
@@ -129,53 +133,45 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--keep-head", action="store_true", help="keep a pretrained head of the right size (class-IL)")
     g.add_argument("--bn", choices=_CHOICES["bn"],
                    help="BatchNorm while training: frozen (eval mode, fixed) or train; auto = frozen with weights")
-    g = p.add_argument_group("method")
-    g.add_argument("--method", choices=METHODS, help="default merge_lora; naive = Avalanche's fine-tuning")
+    g = p.add_argument_group("method (LoRA options: each method's own default when unset)")
+    g.add_argument("--method", choices=METHODS, help="default merge_lora; naive = fine-tuning of every weight")
     g.add_argument("--r", "--lora-r", dest="r", type=int,
-                   help="LoRA rank (default 4); under torchrun write --lora-r (torchrun reads --r as its --rdzv-*)")
-    g.add_argument("--alpha", type=float, help="LoRA alpha (default: r, i.e. scale 1)")
-    g.add_argument("--rslora", action="store_true", help="scale alpha/sqrt(r)")
-    g.add_argument("--dropout", type=float, help="LoRA dropout (default 0)")
-    g.add_argument("--conv-mode", choices=_CHOICES["conv_mode"], help="conv LoRA shape (default kxk_1x1)")
+                   help=_method_flag_help("r", "LoRA rank") + "; under torchrun write --lora-r (torchrun reads --r as --rdzv-*)")
+    g.add_argument("--alpha", type=float, help=_method_flag_help("alpha", "LoRA alpha, scale alpha/r (None: the "
+                                                                          "method's rule, e.g. 2r for merge_lora)"))
+    g.add_argument("--rslora", action=argparse.BooleanOptionalAction, help="scale alpha/sqrt(r)")
+    g.add_argument("--dropout", type=float, help=_method_flag_help("dropout", "LoRA input dropout"))
+    g.add_argument("--conv-mode", choices=("kxk_1x1", "loralib"),
+                   help=_method_flag_help("conv_mode", "conv LoRA shape"))
     g.add_argument("--target-modules", help="'auto', a regex (full match) or comma-separated name suffixes")
     g.add_argument("--exclude-modules", help="regex or comma-separated suffixes never adapted")
     g.add_argument("--per-task-bn", action="store_true", help="per_task_lora: a BatchNorm copy per task")
-    g.add_argument("--max-kappa", type=float, help="codyra: final soft threshold (5e-3)")
-    g.add_argument("--dense-fraction", type=float, help="codyra: share of iterations without threshold (0.5)")
-    g.add_argument("--lambda-num", type=int, help="codyra: threshold steps (50)")
-    g.add_argument("--gate-init", choices=_CHOICES["gate_init"], help="codyra: gate init (randn)")
-    g.add_argument("--energy-threshold", type=float, help="eblora: energy kept in the subspace F (0.99)")
-    g.add_argument("--grad-fraction", type=float, help="eblora: data share for gradient passes (0.2)")
-    g.add_argument("--alpha0", type=float, help="eblora: depth-aware initial magnitude, base (0)")
-    g.add_argument("--beta0", type=float, help="eblora: depth-aware initial magnitude, slope (0)")
-    g.add_argument("--hidden-size", type=int, help="eblora: c in the sqrt(c/r) update rescale (off)")
-    g.add_argument("--masked-loss", dest="masked_loss", action="store_true",
-                   help="inflora/sd_lora/hide_lora/o_lora: cross-entropy over the current experience's classes only "
-                        "(default on, except o_lora)")
-    g.add_argument("--no-masked-loss", dest="masked_loss", action="store_false", help="plain cross-entropy")
-    g.add_argument("--lamb", type=float, help="inflora: first DualGPM energy threshold (0.95)")
-    g.add_argument("--lame", type=float, help="inflora: last DualGPM energy threshold (1.0)")
-    g.add_argument("--cov-fraction", type=float, help="inflora: data share for the covariance passes (1.0)")
-    g.add_argument("--magnitude-init", type=float, help="sd_lora: initial magnitude of each direction (0.8)")
-    g.add_argument("--lambda-orth", type=float, help="o_lora: orthogonality loss weight (0.5)")
-    g.add_argument("--lambda-l2", type=float, help="o_lora: L2 weight on the new LoRA (0)")
-    g.add_argument("--slow-lr", type=float, help="hide_lora: shared LoRA lr factor after task 1 (0.1)")
-    g.add_argument("--shared-lr", type=float, help="hide_lora: shared model lr (default --lr)")
-    g.add_argument("--reg", type=float, help="hide_lora: contrastive regulariser weight (0.001)")
-    g.add_argument("--lora-momentum", type=float, help="hide_lora: end-of-task blend with earlier slots (0.1)")
-    g.add_argument("--ca-method", choices=_CHOICES["ca_method"], help="hide_lora: classifier-alignment statistics")
-    g.add_argument("--n-centroids", type=int, help="hide_lora: k-means clusters per class (10)")
-    g.add_argument("--ca-epochs", type=int, help="hide_lora: classifier-alignment epochs (30)")
-    g.add_argument("--ca-lr", type=float, help="hide_lora: classifier-alignment lr (0.005)")
-    g.add_argument("--ca-samples", type=int, help="hide_lora: sampled features per class and centroid (5 x batch)")
-    g = p.add_argument_group("training")
-    g.add_argument("--epochs", type=int)
-    g.add_argument("--batch-size", type=int)
-    g.add_argument("--eval-batch-size", type=int)
-    g.add_argument("--optimizer", choices=_CHOICES["optimizer"])
-    g.add_argument("--lr", type=float)
-    g.add_argument("--momentum", type=float)
+    g = p.add_argument_group("method options (generated from each strategy's signature and docstring)")
+    for name in sorted(_METHOD_OPTIONS):
+        if name in _HAND_WRITTEN or name in _DERIVED:
+            continue
+        opt = next(iter(_METHOD_OPTIONS[name].values()))
+        flag = "--" + name.replace("_", "-")
+        if opt.type is bool:
+            g.add_argument(flag, action=argparse.BooleanOptionalAction, help=_method_flag_help(name))
+        elif opt.type is not None:
+            g.add_argument(flag, type=opt.type, choices=opt.choices, help=_method_flag_help(name))
+    g = p.add_argument_group("training (optimizer, learning rate and schedule: the method's recipe when unset)")
+    g.add_argument("--epochs", type=int, help="default 1")
+    g.add_argument("--batch-size", type=int, help="default 64")
+    g.add_argument("--eval-batch-size", type=int, help="default 256")
+    g.add_argument("--optimizer", choices=OPTIMIZERS)
+    g.add_argument("--lr", type=float, help="learning rate (hide_lora: before its batch/256 scaling)")
+    g.add_argument("--momentum", type=float, help="SGD momentum")
     g.add_argument("--weight-decay", type=float)
+    g.add_argument("--betas", type=lambda v: [float(b) for b in v.split(",")], help="Adam betas, e.g. 0.9,0.999")
+    g.add_argument("--lr-schedule", choices=LR_SCHEDULES, help="restarted every experience")
+    g.add_argument("--warmup", type=float, help="share of each experience's steps in linear warm-up")
+    g.add_argument("--schedule-step", choices=SCHEDULE_STEPS, help="the schedule advances per iteration or epoch")
+    g.add_argument("--keep-optimizer-state", action="store_true",
+                   help="carry the optimizer state across experiences (Avalanche's way; default: a fresh state "
+                        "per experience, as every official method)")
+    g = p.add_argument_group("run")
     g.add_argument("--eval-on", choices=_CHOICES["eval_on"],
                    help="test experiences evaluated after each experience: seen (default) or all")
     g.add_argument("--device", help="cpu (default), cuda, cuda:N or auto")
@@ -191,8 +187,34 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def resolve_method(cfg: dict) -> tuple:
+    """``(strategy class, {option: value}, recipe)`` of ``cfg["method"]``: the options the user set, else the
+    method's own defaults; the training recipe with the user's training options over the method's. Raises
+    ``ValueError`` naming an option set for a method that does not have it."""
+    method = cfg["method"]
+    if method not in REGISTRY:
+        raise ValueError(f"Unknown method {method!r}; choose one of {', '.join(METHODS)}.")
+    cls = REGISTRY[method]
+    opts = method_options(cls)
+    for key, owners in _METHOD_OPTIONS.items():
+        if key in _DERIVED or key == "target_modules" or key not in cfg:
+            continue
+        unset = cfg[key] is None or (key == "per_task_bn" and cfg[key] is False)
+        if not unset and key not in opts:
+            raise ValueError(f"--{key.replace('_', '-')} is not an option of {method} (it is one of "
+                             f"{', '.join(owners)}); drop it or pick one of those methods.")
+    kwargs = {k: (cfg[k] if cfg.get(k) is not None else o.default) for k, o in opts.items() if k not in _DERIVED}
+    if "target_modules" in opts:
+        kwargs["target_modules"] = cfg["target_modules"]
+    if "trainable_modules" in opts:
+        kwargs["trainable_modules"] = r"head" if cfg["task_incremental"] else "auto"
+    recipe = cls.recipe.with_overrides(**{k: cfg.get(k) for k in TRAINING_OPTIONS})
+    return cls, kwargs, recipe
+
+
 def parse_config(argv=None) -> dict:
-    """Defaults, then the YAML file, then command-line flags. Raises ``ValueError`` on unknown or bad values."""
+    """Defaults, then the YAML file, then command-line flags; method and training options left unset take the
+    method's defaults (written back into the returned config). Raises ``ValueError`` on unknown or bad values."""
     args = vars(_parser().parse_args(argv))
     cfg = dict(DEFAULTS)
     path = args.pop("config", None)
@@ -214,7 +236,7 @@ def parse_config(argv=None) -> dict:
     cfg.update(args)
     for key, choices in _CHOICES.items():
         if choices and cfg[key] not in choices:
-            raise ValueError(f"Unknown {key} {cfg[key]!r}; choose one of {', '.join(choices)}.")
+            raise ValueError(f"Unknown {key} {cfg[key]!r}; choose one of {', '.join(c for c in choices if c)}.")
     if cfg["n_experiences"] is None:
         cfg["n_experiences"] = 10 if cfg["benchmark"] == "split_cifar100" else 5
     if cfg["task_incremental"] and cfg["eval_on"] == "all":
@@ -228,6 +250,13 @@ def parse_config(argv=None) -> dict:
     for key in ("epochs", "batch_size", "eval_batch_size", "n_experiences"):
         if not isinstance(cfg[key], int) or cfg[key] < 1:
             raise ValueError(f"{key} must be a positive integer, got {cfg[key]!r}.")
+    _, kwargs, recipe = resolve_method(cfg)
+    for k, v in kwargs.items():  # the run's config says what ran
+        if k in cfg:
+            cfg[k] = v
+    training = recipe.as_dict()
+    for k in TRAINING_OPTIONS:
+        cfg[k] = training[k]
     if cfg["out"] is None:
         cfg["out"] = f"runs/{cfg['method']}-{cfg['backbone'].replace(':', '_')}-seed{cfg['seed']}"
     return cfg
@@ -304,66 +333,24 @@ def build_model(cfg: dict, n_classes: int, classes_per_exp: int, *, return_pretr
     return (model, pretrained_head) if return_pretrained_head else model
 
 
-def _optimizer(cfg, params):
-    import torch
-
-    if cfg["optimizer"] == "sgd":
-        return torch.optim.SGD(params, lr=cfg["lr"], momentum=cfg["momentum"], weight_decay=cfg["weight_decay"])
-    cls = torch.optim.Adam if cfg["optimizer"] == "adam" else torch.optim.AdamW
-    return cls(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
-
-
 def build_strategy(cfg: dict, model, common: dict):
-    """The Avalanche strategy of ``cfg["method"]`` (its plugin is ``strategy.method_plugin``)."""
-    from strategies import EBLoRA, CoDyRA, DistributedTemplate, HiDeLoRA, InfLoRA, MergeLoRA, OLoRA, PerTaskLoRA, SDLoRA
+    """The Avalanche strategy of ``cfg["method"]`` (its plugin is ``strategy.method_plugin``) with the method's
+    options and training recipe (see :func:`resolve_method`), its learning-rate schedule and, unless
+    ``keep_optimizer_state``, a fresh optimizer state per experience."""
+    from strategies.recipe import build_optimizer
 
-    opt = _optimizer(cfg, model.parameters())
-    if cfg["method"] == "naive":  # Avalanche's Naive is this template with no plugin; ours also runs under DDP
-        return DistributedTemplate(model=model, optimizer=opt, **common)
-    target = _target(cfg["target_modules"])
-    lora = dict(
-        target_modules=auto_target_modules(cfg["backbone"]) if target == "auto" else target, r=cfg["r"],
-        alpha=cfg["alpha"], exclude_modules=_target(cfg["exclude_modules"]),
-        trainable_modules=r"head" if cfg["task_incremental"] else "auto",
-    )
-    conv = dict(dropout=cfg["dropout"], conv_mode=cfg["conv_mode"])
-    if cfg["method"] == "merge_lora":
-        return MergeLoRA(model=model, optimizer=opt, **lora, **conv, rslora=cfg["rslora"], **common)
-    if cfg["method"] == "per_task_lora":
-        return PerTaskLoRA(model=model, optimizer=opt, **lora, **conv, rslora=cfg["rslora"],
-                           per_task_bn=cfg["per_task_bn"], class_incremental=not cfg["task_incremental"], **common)
-    if cfg["method"] == "codyra":
-        return CoDyRA(model=model, optimizer=opt, **lora, **conv, max_kappa=cfg["max_kappa"],
-                      dense_fraction=cfg["dense_fraction"], lambda_num=cfg["lambda_num"], gate_init=cfg["gate_init"],
-                      **common)
-    if cfg["method"] == "eblora":
-        if cfg["conv_mode"] != "kxk_1x1":
-            raise ValueError("eblora works on the kxk_1x1 conv shape only; drop --conv-mode loralib.")
-        return EBLoRA(model=model, optimizer=opt, **lora, energy_threshold=cfg["energy_threshold"],
-                      grad_fraction=cfg["grad_fraction"], alpha0=cfg["alpha0"], beta0=cfg["beta0"],
-                      hidden_size=cfg["hidden_size"], **common)
-    masked = {} if cfg["masked_loss"] is None else dict(masked_loss=bool(cfg["masked_loss"]))
-    if cfg["method"] == "inflora":
-        if cfg["conv_mode"] != "kxk_1x1":
-            raise ValueError("inflora designs A on the kxk_1x1 conv shape only; drop --conv-mode loralib.")
-        return InfLoRA(model=model, optimizer=opt, **lora, lamb=cfg["lamb"], lame=cfg["lame"],
-                       n_tasks=cfg["n_experiences"], cov_fraction=cfg["cov_fraction"], **masked, **common)
-    if cfg["method"] == "sd_lora":
-        return SDLoRA(model=model, optimizer=opt, **lora, **conv, magnitude_init=cfg["magnitude_init"], **masked,
-                      **common)
-    if cfg["method"] == "o_lora":
-        return OLoRA(model=model, optimizer=opt, **lora, **conv, lambda_orth=cfg["lambda_orth"],
-                     lambda_l2=cfg["lambda_l2"], **masked, **common)
-    if cfg["method"] == "hide_lora":
-        if cfg["task_incremental"]:
-            raise ValueError("hide_lora is class-incremental (it infers the task); drop --task-incremental.")
-        if cfg["masked_loss"] is False:
-            raise ValueError("hide_lora always trains with the masked loss; drop --no-masked-loss.")
-        return HiDeLoRA(model=model, optimizer=opt, **lora, **conv, slow_lr=cfg["slow_lr"], shared_lr=cfg["shared_lr"],
-                        reg=cfg["reg"], lora_momentum=cfg["lora_momentum"], ca_method=cfg["ca_method"],
-                        n_centroids=cfg["n_centroids"], ca_epochs=cfg["ca_epochs"], ca_lr=cfg["ca_lr"],
-                        ca_samples=cfg["ca_samples"], **common)
-    raise ValueError(f"Unknown method {cfg['method']!r}; choose one of {', '.join(METHODS)}.")
+    cls, kwargs, recipe = resolve_method(cfg)
+    if kwargs.get("target_modules") is not None:
+        target = _target(kwargs["target_modules"])
+        kwargs["target_modules"] = auto_target_modules(cfg["backbone"]) if target == "auto" else target
+    if kwargs.get("exclude_modules") is not None:
+        kwargs["exclude_modules"] = _target(kwargs["exclude_modules"])
+    opt = build_optimizer(recipe, model.parameters(), common["train_mb_size"])
+    plugins = list(common.get("plugins") or [])
+    if recipe.schedule_plugin() is not None:
+        plugins.append(recipe.schedule_plugin())
+    common = dict(common, plugins=plugins)
+    return cls(model=model, optimizer=opt, reset_optimizer_state=not cfg["keep_optimizer_state"], **kwargs, **common)
 
 
 def _write_json(path: Path, obj) -> None:
@@ -543,8 +530,9 @@ def run(cfg: dict) -> dict:
         plugin.prepare(model)
         layer = lora_layers(model)[0][1]
         lora_info = dict(r=layer.r, alpha=layer.alpha, scaling=layer.scaling, rslora=layer.rslora,
-                         dropout=cfg["dropout"], conv_mode=getattr(layer, "conv_mode", cfg["conv_mode"]),
+                         dropout=getattr(layer.lora_dropout, "p", 0.0), conv_mode=getattr(layer, "conv_mode", None),
                          target_modules=cfg["target_modules"], adapted_modules=[n for n, _ in lora_layers(model)])
+    _, method_kwargs, recipe = resolve_method(cfg)
 
     if ckpt is not None:
         results = _restore(ckpt, strategy, model, plugin, bm, device)
@@ -570,6 +558,9 @@ def run(cfg: dict) -> dict:
             model=dict(backbone=cfg["backbone"], weights=cfg["backbone_weights"], bn=bn, device=str(device),
                        parameters_before_training=count_parameters(model), lora=lora_info),
             method=cfg["method"],
+            method_options={k: v for k, v in method_kwargs.items() if isinstance(v, (bool, int, float, str, type(None)))},
+            training=dict(recipe.as_dict(cfg["batch_size"]), epochs=cfg["epochs"], batch_size=cfg["batch_size"],
+                          reset_optimizer_state=not cfg["keep_optimizer_state"]),
             experiences_done=0,
             accuracy_matrix=[],
             parameters=[],

@@ -100,6 +100,12 @@ class LoRAMagnitudes(nn.Module):
         with torch.no_grad():
             self.current.fill_(self.init)
 
+    def reset_past(self) -> None:
+        """Every past magnitude back at ``init`` (SD-LoRA's code re-creates them with the backbone each task)."""
+        with torch.no_grad():
+            for p in self.past.values():
+                p.fill_(self.init)
+
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         for key in state_dict:  # magnitudes of tasks this fresh module has not seen yet
             if key.startswith(f"{prefix}past.") and key[len(f"{prefix}past."):] not in self.past:

@@ -20,6 +20,8 @@ from torch.utils.data import DataLoader
 from models.inject import add_lora
 from models.lora import LoRALayer
 
+from .recipe import FreshOptimizerPlugin, TrainingRecipe, build_optimizer
+
 __all__ = ["AdapterPluginMixin", "DistributedTemplate", "MethodStrategy", "PluginStateMixin", "unwrap", "mask_logits",
            "ClassMaskMixin", "experience_loader", "all_reduce_"]
 
@@ -178,16 +180,29 @@ class DistributedTemplate(SupervisedTemplate):
 class MethodStrategy(DistributedTemplate):
     """``SupervisedTemplate`` whose plugin list starts with ``method_plugin`` (kept as ``self.method_plugin``).
 
-    Subclasses build their plugin from their own keyword-only options and pass the template's arguments through.
-    ``eval_mb_size=None`` means ``train_mb_size``, as in Avalanche's ``Naive``.
+    Subclasses set ``name`` (the ``--method`` of ``experiments.run``) and ``recipe`` (the method's
+    :class:`~strategies.recipe.TrainingRecipe`, from its official code), build their plugin from their own keyword-only
+    options and pass the template's arguments through.
+
+    :param optimizer: ``None`` (default) builds the method's own optimizer over ``model.parameters()`` from
+        ``recipe`` (type, effective learning rate, betas, weight decay) and adds its learning-rate schedule
+        (:class:`~strategies.recipe.LRSchedulePlugin`); an optimizer given here is used as it is, with no schedule
+        unless you add one.
+    :param reset_optimizer_state: start every experience with an empty optimizer state, as the official code's new
+        optimizer per task (:class:`~strategies.recipe.FreshOptimizerPlugin`); ``False`` keeps Avalanche's way
+        (state carried across experiences).
+    :param eval_mb_size: ``None`` means ``train_mb_size``, as in Avalanche's ``Naive``.
     """
+
+    name: str = ""
+    recipe: TrainingRecipe = TrainingRecipe()
 
     def __init__(
         self,
         *,
-        method_plugin: SupervisedPlugin,
+        method_plugin: Optional[SupervisedPlugin],
         model: nn.Module,
-        optimizer: torch.optim.Optimizer,
+        optimizer: Optional[torch.optim.Optimizer] = None,
         criterion=nn.CrossEntropyLoss(),
         train_mb_size: int = 1,
         train_epochs: int = 1,
@@ -196,9 +211,16 @@ class MethodStrategy(DistributedTemplate):
         plugins: Optional[Sequence[SupervisedPlugin]] = None,
         evaluator=default_evaluator,
         eval_every: int = -1,
+        reset_optimizer_state: bool = True,
         **base_kwargs,
     ):
         self.method_plugin = method_plugin
+        extra = []
+        if optimizer is None:
+            optimizer = build_optimizer(self.recipe, model.parameters(), train_mb_size)
+            extra.append(self.recipe.schedule_plugin())
+        if reset_optimizer_state:
+            extra.append(FreshOptimizerPlugin())
         super().__init__(
             model=model,
             optimizer=optimizer,
@@ -207,7 +229,7 @@ class MethodStrategy(DistributedTemplate):
             train_epochs=train_epochs,
             eval_mb_size=train_mb_size if eval_mb_size is None else eval_mb_size,
             device=device,
-            plugins=[method_plugin] + list(plugins or []),
+            plugins=[p for p in [method_plugin, *extra, *(plugins or [])] if p is not None],
             evaluator=evaluator,
             eval_every=eval_every,
             **base_kwargs,

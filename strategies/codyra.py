@@ -6,7 +6,8 @@ Dynamic Rank-Selective LoRA", arXiv:2412.01004; official code Artificer-AI-Lab/C
 
 from __future__ import annotations
 
-from typing import Optional
+import math
+from typing import Literal, Optional
 
 import torch
 from avalanche.core import SupervisedPlugin
@@ -15,37 +16,70 @@ from torch import nn
 from models.gate_lora import GateLoRAConv2d, GateLoRALinear, GateLoRAMixin
 from models.inject import Target, count_parameters
 
-from .base import AdapterPluginMixin, MethodStrategy, unwrap
+from .base import AdapterPluginMixin, ClassMaskMixin, MethodStrategy, unwrap
+from .recipe import TrainingRecipe
 
-__all__ = ["CoDyRAPlugin", "CoDyRA"]
+__all__ = ["CoDyRAPlugin", "CoDyRA", "THRESHOLDS", "threshold_"]
+
+THRESHOLDS = ("code", "soft")
 
 
-class CoDyRAPlugin(AdapterPluginMixin, SupervisedPlugin, supports_distributed=True):
-    """Gate-LoRA on every targeted weight, ``ΔW = B diag(w) A``, with a proximal soft threshold on ``w``.
+@torch.no_grad()
+def threshold_(w: torch.Tensor, tau: float, kind: str = "code") -> torch.Tensor:
+    """Shrink the gates ``w`` in place by ``tau``.
 
-    Per experience (as in the official code): A, B and w train with the strategy's optimizer (the paper uses AdamW,
-    lr 5e-4, betas (0.9, 0.9999), no weight decay). After the dense phase (the first ``dense_fraction`` of the
-    experience's iterations) every update is followed by ``w <- sign(w) · max(|w| - τ, 0)``; τ steps through
-    ``linspace(0, max_kappa, lambda_num)``, advancing every ``(T - dense) / lambda_num`` iterations, so it ramps
-    linearly to ``max_kappa`` over the rest of the experience. τ is a threshold, not multiplied by the learning rate.
-    At the end of the experience the ranks whose gate is zero are dropped, ``B diag(w) A`` is merged into the base
-    weight, and A, B, w restart at full rank for the next experience. Inference is the plain merged backbone.
+    ``code``: the official three in-place lines (``p[p > τ] -= τ; p[p < -τ] += τ; p[|p| < τ] = 0``), which zero
+    every gate with ``|w| < 2τ`` and shrink the others by τ; ``soft``: the paper's proximal operator
+    ``sign(w) · max(|w| - τ, 0)``.
+    """
+    if kind == "code":
+        w[w > tau] -= tau
+        w[w < -tau] += tau
+        w[w.abs() < tau] = 0
+    elif kind == "soft":
+        w.copy_(torch.sign(w) * torch.clamp(w.abs() - tau, min=0))
+    else:
+        raise ValueError(f"Unknown threshold {kind!r}; choose one of {', '.join(THRESHOLDS)}.")
+    return w
 
-    Adapted from the paper's CLIP setting: the loss is the strategy's cross-entropy over a classifier head (CLIP's
-    image-text losses do not apply to CNN/ViT classifiers), and any Linear/Conv2d can be targeted (convs gate the
-    rows of A: r for ``kxk_1x1``, r·k for ``loralib``). ``rank_history`` keeps, after every experience, the ranks
-    kept per module (``{module name: rank}``).
+
+class CoDyRAPlugin(ClassMaskMixin, AdapterPluginMixin, SupervisedPlugin, supports_distributed=True):
+    """Gate-LoRA on every targeted weight, ``ΔW = B diag(w) A``, with a threshold on the gates ``w``.
+
+    Per experience of T iterations (as in the official code): A, B and w train with the strategy's optimizer; the
+    threshold τ steps through ``linspace(0, max_kappa, lambda_num)``, its index rising at every iteration
+    ``i ≥ dense`` with ``i % ((T - dense) // lambda_num) == 0`` (``dense = dense_fraction · T``), and after each
+    update with ``i > dense`` every gate is thresholded (:func:`threshold_`). At the end of the experience the ranks
+    whose gate is zero are dropped, ``B diag(w) A`` is merged into the base weight, and A, B, w restart at full rank
+    (w ~ N(0, 1)) for the next experience. Inference is the plain merged backbone. ``rank_history`` keeps, after
+    every experience, the ranks kept per module (``{module name: rank}``).
+
+    Follows Artificer-AI-Lab/CoDyRA @ c1691e4c4c8a331acaaeb7dfa5e37bcb974cf0c8: ``models/codyra.py`` L646
+    (``lambdas = linspace(0, max_kappa, lambda_num)``), L691-692 (``dense_iters``, ``lambda_step_iters``), L701-704
+    (threshold index), L789-795 (the three in-place threshold lines after ``optimizer.step()``), L752-753 (logits of
+    earlier tasks' classes set to -inf: cross-entropy over the current task's classes); ``loralib/codyra.py``
+    L112-168 (prune zero gates, merge ``(B * gate) @ A`` with no scaling, restart); ``runner_codyra.sh``: r 16,
+    max_kappa 5e-3, dense 0.5. Training recipe in :class:`CoDyRA`. Deviations kept:
+
+    * the loss is the strategy's (masked) cross-entropy over a classifier head: CLIP's image-to-text logits over
+      class-name embeddings and its text-to-image term do not exist for CNN/ViT classifiers;
+    * any Linear/Conv2d can be targeted (convs gate the rows of A: r for ``kxk_1x1``, r·k for ``loralib``);
+    * ``threshold="soft"`` offers the paper's proximal operator instead of the code's.
 
     :param target_modules, exclude_modules, conv_mode, trainable_modules: see :func:`models.add_lora`.
-    :param r: initial rank of every gate-LoRA (paper: 16).
-    :param alpha: ``None`` keeps the paper's scale of 1.
-    :param max_kappa: final soft threshold (paper's runner: 5e-3).
+    :param r: initial rank of every gate-LoRA (16).
+    :param alpha: ``None`` keeps the code's scale of 1.
+    :param dropout: adapter input dropout (0).
+    :param max_kappa: final threshold (the runner's 5e-3).
     :param dense_fraction: share of the iterations trained without thresholding (0.5).
-    :param lambda_num: number of threshold steps (50).
-    :param gate_init: ``"randn"`` (official code) or ``"ones"``.
+    :param lambda_num: number of threshold values (50).
+    :param gate_init: ``randn`` (official code) or ``ones``.
+    :param threshold: ``code`` (the official in-place lines: zero below 2τ, shrink the rest by τ) or ``soft``
+        (the paper's ``sign(w) · max(|w| - τ, 0)``).
+    :param masked_loss: cross-entropy over the current experience's classes only (as the official loss).
     """
 
-    _state_attrs = ("adapted_modules", "rank_history")
+    _state_attrs = ("adapted_modules", "rank_history", "seen_classes")
     _layer_type, _layer_desc = GateLoRAMixin, "gate-LoRA"
 
     def __init__(
@@ -61,9 +95,13 @@ class CoDyRAPlugin(AdapterPluginMixin, SupervisedPlugin, supports_distributed=Tr
         max_kappa: float = 5e-3,
         dense_fraction: float = 0.5,
         lambda_num: int = 50,
-        gate_init: str = "randn",
+        gate_init: Literal["randn", "ones"] = "randn",
+        threshold: Literal["code", "soft"] = "code",
+        masked_loss: bool = True,
     ):
         super().__init__()
+        if threshold not in THRESHOLDS:
+            raise ValueError(f"Unknown threshold {threshold!r}; choose one of {', '.join(THRESHOLDS)}.")
         if max_kappa < 0:
             raise ValueError(f"max_kappa must be >= 0, got {max_kappa}.")
         if not 0 <= dense_fraction < 1:
@@ -76,28 +114,39 @@ class CoDyRAPlugin(AdapterPluginMixin, SupervisedPlugin, supports_distributed=Tr
             linear_cls=GateLoRALinear, conv_cls=GateLoRAConv2d, layer_kwargs=dict(gate_init=gate_init),
         )
         self.max_kappa, self.dense_fraction, self.lambda_num = max_kappa, dense_fraction, lambda_num
+        self.threshold, self.masked_loss = threshold, masked_loss
         self.taus = torch.linspace(0, max_kappa, lambda_num).tolist()
         self.adapted_modules: list[str] = []
         self.rank_history: list[dict[str, int]] = []
-        self._dense_iters = 0
-        self._tau_every = 1
+        self.seen_classes: list[int] = []
+        self._current_classes: list[int] = []
+        self._dense = 0.0
+        self._tau_every = 0
 
     def _layers(self, model):
         return [(n, m) for n, m in unwrap(model).named_modules() if isinstance(m, GateLoRAMixin)]
 
     def before_training_exp(self, strategy, **kwargs):
-        total = strategy.train_epochs * len(strategy.dataloader)
-        self._dense_iters = int(self.dense_fraction * total)
-        self._tau_every = max(1, (total - self._dense_iters) // self.lambda_num)
+        self._note_classes(strategy)
+        self.start_schedule(strategy.train_epochs * len(strategy.dataloader))
         for _, layer in self._layers(strategy.model):  # fresh adapters start with fresh optimizer state
             for p in layer.adapter_parameters():
                 strategy.optimizer.state.pop(p, None)
 
+    def start_schedule(self, total: int) -> None:
+        """Set the threshold schedule for an experience of ``total`` iterations."""
+        self._dense = self.dense_fraction * total
+        self._tau_every = int((total - self._dense) // self.lambda_num)
+
     def current_tau(self, iteration: int) -> float:
-        """The threshold after update number ``iteration`` (0-based) of the experience; 0 in the dense phase."""
-        if iteration < self._dense_iters:
+        """The threshold applied after update number ``iteration`` (0-based) of the experience: 0 up to
+        ``dense`` (included), then ``taus[k]`` with k the number of iterations ``dense ≤ j ≤ iteration`` with
+        ``j % step == 0`` (0 for ever when the experience is shorter than ``lambda_num`` steps, as the code)."""
+        if iteration <= self._dense or self._tau_every <= 0:
             return 0.0
-        return self.taus[min((iteration - self._dense_iters) // self._tau_every, self.lambda_num - 1)]
+        first = math.ceil(self._dense)
+        k = iteration // self._tau_every - (first - 1) // self._tau_every
+        return self.taus[min(k, self.lambda_num - 1)]
 
     @torch.no_grad()
     def after_update(self, strategy, **kwargs):
@@ -105,8 +154,7 @@ class CoDyRAPlugin(AdapterPluginMixin, SupervisedPlugin, supports_distributed=Tr
         if tau <= 0:
             return
         for _, layer in self._layers(strategy.model):
-            w = layer.lora_gate
-            w.copy_(torch.sign(w) * torch.clamp(w.abs() - tau, min=0))
+            threshold_(layer.lora_gate, tau, self.threshold)
 
     def current_ranks(self, model) -> dict[str, int]:
         return {n: m.kept_rank() for n, m in self._layers(model)}
@@ -127,15 +175,21 @@ class CoDyRAPlugin(AdapterPluginMixin, SupervisedPlugin, supports_distributed=Tr
 class CoDyRA(MethodStrategy):
     """Avalanche strategy: ``SupervisedTemplate`` plus :class:`CoDyRAPlugin` (Lu et al., arXiv:2412.01004).
 
-    The CoDyRA options are those of :class:`CoDyRAPlugin`; the rest those of ``SupervisedTemplate``. Pass an AdamW
-    optimizer over ``model.parameters()`` to follow the paper.
+    Recipe (Artificer-AI-Lab/CoDyRA @ c1691e4, ``models/codyra.py`` L639-643, L710): a new AdamW per task, lr 5e-4
+    (``runner_codyra.sh``), weight decay 0, **betas (0.9, 0.9999)**, cosine per iteration without warm-up
+    (``utils.cosine_lr``); batch 64. The CoDyRA options are those of :class:`CoDyRAPlugin`.
     """
+
+    name = "codyra"
+    recipe = TrainingRecipe(optimizer="adamw", lr=5e-4, weight_decay=0.0, betas=(0.9, 0.9999), lr_schedule="cosine",
+                            source="Artificer-AI-Lab/CoDyRA@c1691e4 models/codyra.py L639-643; runner_codyra.sh")
+    plugin_class = CoDyRAPlugin
 
     def __init__(
         self,
         *,
         model: nn.Module,
-        optimizer: torch.optim.Optimizer,
+        optimizer: Optional[torch.optim.Optimizer] = None,
         target_modules: Optional[Target] = None,
         r: int = 16,
         alpha: Optional[float] = None,
@@ -146,7 +200,9 @@ class CoDyRA(MethodStrategy):
         max_kappa: float = 5e-3,
         dense_fraction: float = 0.5,
         lambda_num: int = 50,
-        gate_init: str = "randn",
+        gate_init: Literal["randn", "ones"] = "randn",
+        threshold: Literal["code", "soft"] = "code",
+        masked_loss: bool = True,
         **base_kwargs,
     ):
         super().__init__(
@@ -154,6 +210,7 @@ class CoDyRA(MethodStrategy):
                 target_modules=target_modules, r=r, alpha=alpha, dropout=dropout, conv_mode=conv_mode,
                 exclude_modules=exclude_modules, trainable_modules=trainable_modules, max_kappa=max_kappa,
                 dense_fraction=dense_fraction, lambda_num=lambda_num, gate_init=gate_init,
+                threshold=threshold, masked_loss=masked_loss,
             ),
             model=model,
             optimizer=optimizer,

@@ -18,6 +18,7 @@ from models.inject import Target, count_parameters
 from models.stiefel_lora import StiefelLoRAConv2d, StiefelLoRALinear, StiefelLoRAMixin, polar
 
 from .base import AdapterPluginMixin, MethodStrategy, experience_loader, unwrap
+from .recipe import TrainingRecipe
 
 __all__ = ["EBLoRAPlugin", "EBLoRA", "grow_subspace"]
 
@@ -55,25 +56,33 @@ class EBLoRAPlugin(AdapterPluginMixin, SupervisedPlugin, supports_distributed=Tr
 
     Each step is Riemannian AdamW: before the strategy's optimizer step the gradients of U and V are projected on
     the tangent space (and V's off F); after it, the update ``D = X_new - X_old`` is scaled by
-    ``sqrt(hidden_size / r)`` when ``hidden_size`` is given, projected on the tangent space (V's off F first) and
-    retracted with the polar decomposition. U and V stay orthonormal and V ⟂ F to rounding after every step; only s
-    carries the magnitude.
+    ``sqrt(grad_scaling / r)``, projected on the tangent space (V's off F first) and retracted with the polar
+    decomposition. U and V stay orthonormal and V ⟂ F to rounding after every step; only s carries the magnitude.
 
     After each experience: merge, recompute G on the merged model and grow F (energy threshold), then restart the
     adapter (s = 0).
 
-    Adapted from the paper's LLaVA setting: the loss is the strategy's cross-entropy over a classifier head; convs
-    (``kxk_1x1``, ungrouped) use the (out, in·k·k) unfolding, where F lives in the in·k·k input space; the paper's
-    shape-aware rescale uses its LLM's hidden size 4096, here ``hidden_size`` is an option (``None``: no rescale,
-    the learning rate already fits the small models).
+    Follows haodotgu/EBLoRA @ 5585607 (``llava/train/riemannian_adam.py`` ``pre_step`` L79-113, ``post_step``
+    L116-159 with ``delta /= sqrt(shape[1] / c)``, ``shape[1] = r``; ``llava/train/llava_trainer.py`` L207-221 passes
+    ``grad_scaling = float(4096)``, a constant, so every step on U and V is ``sqrt(4096 / r)`` = 16× at r = 16;
+    ``svd_lowrank`` init in ``extract_gradients.py`` L270-277; energy GPM with the +1 convention, L339); training
+    recipe in :class:`EBLoRA`. Deviations kept:
+
+    * the loss is the strategy's cross-entropy over a classifier head (the paper trains LLaVA);
+    * convs (``kxk_1x1``, ungrouped) use the (out, in·k·k) unfolding, where F lives in the in·k·k input space;
+    * the depth-aware scale counts adapted layers (the code: transformer blocks out of 32; no effect at the
+      released ``alpha0 = beta0 = 0``);
+    * the gradient passes take a random ``grad_fraction`` of the experience (the code: evenly spaced samples).
 
     :param target_modules, exclude_modules, trainable_modules: see :func:`models.add_lora`.
     :param r: rank (paper: 16).
     :param alpha: ``None`` means the paper's ``alpha = 2r`` (scaling 2).
     :param energy_threshold: energy that F must capture (0.99).
     :param grad_fraction: share of the experience's data used for the gradient passes (0.2).
-    :param alpha0, beta0: depth-aware initial magnitude (0, 0).
-    :param hidden_size: ``c`` in the ``sqrt(c / r)`` update rescale, or ``None``.
+    :param alpha0: depth-aware initial magnitude, base (0).
+    :param beta0: depth-aware initial magnitude, slope (0).
+    :param grad_scaling: ``c`` in the ``sqrt(c / r)`` rescale of every U, V step (the code's constant 4096);
+        ``None`` turns it off.
     """
 
     _state_attrs = ("adapted_modules", "subspace_history")
@@ -91,7 +100,7 @@ class EBLoRAPlugin(AdapterPluginMixin, SupervisedPlugin, supports_distributed=Tr
         grad_fraction: float = 0.2,
         alpha0: float = 0.0,
         beta0: float = 0.0,
-        hidden_size: Optional[int] = None,
+        grad_scaling: Optional[float] = 4096.0,
         seed: int = 0,
     ):
         super().__init__()
@@ -105,7 +114,7 @@ class EBLoRAPlugin(AdapterPluginMixin, SupervisedPlugin, supports_distributed=Tr
             linear_cls=StiefelLoRALinear, conv_cls=StiefelLoRAConv2d,
         )
         self.energy_threshold, self.grad_fraction = energy_threshold, grad_fraction
-        self.alpha0, self.beta0, self.hidden_size, self.seed = alpha0, beta0, hidden_size, seed
+        self.alpha0, self.beta0, self.grad_scaling, self.seed = alpha0, beta0, grad_scaling, seed
         self.adapted_modules: list[str] = []
         self.subspace_history: list[dict[str, int]] = []
         self._old: list = []
@@ -221,7 +230,7 @@ class EBLoRAPlugin(AdapterPluginMixin, SupervisedPlugin, supports_distributed=Tr
     @torch.no_grad()
     def after_update(self, strategy, **kwargs):
         for (ms, F), (U0, V0) in zip(self._shape_groups(self._layers(strategy.model)), self._old):
-            c = math.sqrt(self.hidden_size / ms[0].r) if self.hidden_size else 1.0
+            c = math.sqrt(self.grad_scaling / ms[0].r) if self.grad_scaling else 1.0
             D = (torch.stack([m.U() for m in ms]) - U0) * c
             D -= U0 @ (D.mT @ U0)
             U = polar(U0 + D)
@@ -262,15 +271,22 @@ class EBLoRAPlugin(AdapterPluginMixin, SupervisedPlugin, supports_distributed=Tr
 class EBLoRA(MethodStrategy):
     """Avalanche strategy: ``SupervisedTemplate`` plus :class:`EBLoRAPlugin` (Gu, Luo et al., ICML 2026).
 
-    Pass an AdamW optimizer over ``model.parameters()`` to follow the paper (its Riemannian projection and polar
-    retraction wrap that optimizer's step). The EBLoRA options are those of :class:`EBLoRAPlugin`.
+    Recipe (haodotgu/EBLoRA @ 5585607, ``scripts/Train_UCIT/Task*.sh`` L64-67): AdamW lr 2e-4, weight decay 0.1,
+    cosine per iteration with a 3 % linear warm-up (the transformers trainer's ``warmup_ratio 0.03``); the
+    Riemannian projection and polar retraction wrap that optimizer's step. The EBLoRA options are those of
+    :class:`EBLoRAPlugin`.
     """
+
+    name = "eblora"
+    recipe = TrainingRecipe(optimizer="adamw", lr=2e-4, weight_decay=0.1, lr_schedule="cosine", warmup=0.03,
+                            source="haodotgu/EBLoRA@5585607 scripts/Train_UCIT/Task*.sh L64-67")
+    plugin_class = EBLoRAPlugin
 
     def __init__(
         self,
         *,
         model: nn.Module,
-        optimizer: torch.optim.Optimizer,
+        optimizer: Optional[torch.optim.Optimizer] = None,
         target_modules: Optional[Target] = None,
         r: int = 16,
         alpha: Optional[float] = None,
@@ -280,14 +296,14 @@ class EBLoRA(MethodStrategy):
         grad_fraction: float = 0.2,
         alpha0: float = 0.0,
         beta0: float = 0.0,
-        hidden_size: Optional[int] = None,
+        grad_scaling: Optional[float] = 4096.0,
         **base_kwargs,
     ):
         super().__init__(
             method_plugin=EBLoRAPlugin(
                 target_modules=target_modules, r=r, alpha=alpha, exclude_modules=exclude_modules,
                 trainable_modules=trainable_modules, energy_threshold=energy_threshold, grad_fraction=grad_fraction,
-                alpha0=alpha0, beta0=beta0, hidden_size=hidden_size,
+                alpha0=alpha0, beta0=beta0, grad_scaling=grad_scaling,
             ),
             model=model,
             optimizer=optimizer,

@@ -19,6 +19,7 @@ from models.inject import Target, count_parameters, matches
 from models.sum_lora import SumLoRAConv2d, SumLoRALinear, SumLoRAMixin
 
 from .base import AdapterPluginMixin, ClassMaskMixin, MethodStrategy, experience_loader, unwrap
+from .recipe import TrainingRecipe
 
 __all__ = ["InfLoRAPlugin", "InfLoRA", "dualgpm_update"]
 
@@ -84,11 +85,23 @@ class InfLoRAPlugin(ClassMaskMixin, AdapterPluginMixin, SupervisedPlugin, suppor
     experience the covariance is taken again and DualGPM grows the protected space to the energy threshold
     ``eps_t = lamb + (lame - lamb) · t / T``. All branches are summed at inference (no task identity needed).
 
+    Follows liangyanshuo/InfLoRA @ e08b00edd54f2f10cf2f9826eae7d44fdcb6354b: covariance ``E[xᵀx]`` over all tokens
+    (``models/vit_inflora.py`` L237), ``A = U[:, :r].T / sqrt(3)`` (``methods/inflora.py`` L127, L154), remove /
+    retain projections (L149, L152), B from zero (``vit_inflora.py`` L206-207), only B and the task's head train
+    (L103-108), threshold ``(lame - lamb) · t / T + lamb`` (L322) with ``k = #(cumsum < eps)`` (L332), cross-entropy
+    over the current task's classes (L220-225); training recipe in :class:`InfLoRA`. Deviations kept:
+
+    * the covariances use the experience's eval transforms (the official passes read the augmented train loader);
+    * A is projected once more exactly onto the allowed space, and a first-task basis larger than d/2 is stored by
+      its complement (the official code would store it as "retain" and then fail its assert);
+    * any Linear or ungrouped conv can be adapted (the paper: K and V of every ViT block), with one A per layer.
+
     :param target_modules, exclude_modules, trainable_modules: see :func:`models.add_lora` (Linear and ungrouped
         ``kxk_1x1`` Conv2d; the paper adapts K and V of every ViT block).
-    :param r: rank of each task's branch (paper: 10).
-    :param alpha: ``None`` means ``alpha = r`` (scale 1, as the official code).
-    :param lamb, lame: first and last DualGPM energy threshold (0.95, 1.0 for CIFAR).
+    :param r: rank of each task's branch (``configs/cifar100_inflora.json`` L28: 10).
+    :param alpha: ``None`` means ``alpha = r`` (scale 1, as the official code, which has no scaling).
+    :param lamb: first DualGPM energy threshold (L29: 0.95).
+    :param lame: last DualGPM energy threshold (L30: 1.0).
     :param n_tasks: T in the threshold schedule; ``None`` takes the length of the training stream.
     :param cov_fraction: share of each experience used for the covariance passes (1.0, as the paper).
     :param masked_loss: cross-entropy over the current experience's classes only (the paper's per-task heads).
@@ -238,14 +251,22 @@ class InfLoRAPlugin(ClassMaskMixin, AdapterPluginMixin, SupervisedPlugin, suppor
 class InfLoRA(MethodStrategy):
     """Avalanche strategy: ``SupervisedTemplate`` plus :class:`InfLoRAPlugin` (Liang & Li, CVPR 2024).
 
-    The paper trains with Adam (lr 5e-4); the InfLoRA options are those of :class:`InfLoRAPlugin`.
+    Recipe (liangyanshuo/InfLoRA @ e08b00e): a new Adam per task, lr 5e-4, betas (0.9, 0.999), no weight decay
+    (``methods/inflora.py`` L168, L179; ``configs/cifar100_inflora.json`` L20-27), ``CosineSchedule`` stepped once
+    per epoch, ``lr · cos(99π · e / (200 (K - 1)))`` (``utils/schedulers.py`` L54, ``inflora.py`` L238); 20 epochs,
+    batch 128 on CIFAR-100. The InfLoRA options are those of :class:`InfLoRAPlugin`.
     """
+
+    name = "inflora"
+    recipe = TrainingRecipe(optimizer="adam", lr=5e-4, lr_schedule="cosine-inflora", schedule_step="epoch",
+                            source="liangyanshuo/InfLoRA@e08b00e methods/inflora.py L168-180, utils/schedulers.py L54")
+    plugin_class = InfLoRAPlugin
 
     def __init__(
         self,
         *,
         model: nn.Module,
-        optimizer: torch.optim.Optimizer,
+        optimizer: Optional[torch.optim.Optimizer] = None,
         target_modules: Optional[Target] = None,
         r: int = 10,
         alpha: Optional[float] = None,

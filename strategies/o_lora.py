@@ -16,6 +16,7 @@ from models.inject import Target, count_parameters
 from models.sum_lora import SumLoRAConv2d, SumLoRALinear, SumLoRAMixin
 
 from .base import AdapterPluginMixin, ClassMaskMixin, MethodStrategy, unwrap
+from .recipe import TrainingRecipe
 
 __all__ = ["OLoRAPlugin", "OLoRA", "orthogonality_loss"]
 
@@ -38,15 +39,29 @@ def orthogonality_loss(model: nn.Module) -> torch.Tensor:
 class OLoRAPlugin(ClassMaskMixin, AdapterPluginMixin, SupervisedPlugin, supports_distributed=True):
     """A new LoRA per task, trained next to the frozen LoRA of the earlier tasks (all summed, no merge), with
     ``loss += lambda_orth · Σ |A_old A_newᵀ| + lambda_l2 · Σ (‖A_new‖ + ‖B_new‖)``: the new task's update is pushed
-    into input directions orthogonal to the earlier tasks' (released values: ``lambda_orth = 0.5``,
-    ``lambda_l2 = 0``). Growth: r per task per adapted module.
+    into input directions orthogonal to the earlier tasks' (the constraint is on A, the down-projection: the row
+    space). Growth: r per task per adapted module.
 
-    :param target_modules, r, alpha, dropout, conv_mode, exclude_modules, trainable_modules: see
-        :func:`models.add_lora`.
-    :param lambda_orth: weight of the orthogonality loss.
-    :param lambda_l2: weight of the L2 norm of the new factors.
-    :param masked_loss: cross-entropy over the current experience's classes only (off by default: the paper trains
-        a language model, with no per-task head).
+    Follows cmnfriend/O-LoRA @ 07117e1fc4a5f5ad9308a815a42cee8f46502dc8: ``src/uie_trainer_lora.py`` L96
+    (``abs(lora_A · loranew_Aᵀ).sum()``), L103 (``norm(loranew_*, p=2)``), L109 (``loss + orth · lamda_1 + l2 ·
+    lamda_2``); ``lamda_1 = 0.5``, ``lamda_2 = 0`` (``src/run_uie_lora.py`` L240-241, ``scripts/order_1.sh``
+    L42-43); ``LoraConfig(r=8, lora_alpha=32, lora_dropout=0.1)`` (``run_uie_lora.py`` L115-116, L394), so the scale
+    is 32 / 8 = 4 for the old and the new branch alike (``src/peft/tuners/lora.py`` L463, L585-598); training recipe
+    in :class:`OLoRA`. Deviations kept:
+
+    * the paper trains a generative language model with no classifier head; here a head is trained, and in
+      class-incremental runs its cross-entropy is masked to the current experience's classes by default (as InfLoRA
+      and SD-LoRA do): unmasked, a single head's recency bias, not O-LoRA, decides the forgetting;
+    * ``alpha`` stays 32 whatever ``r`` (as the code: the scale falls as r grows).
+
+    :param target_modules, exclude_modules, conv_mode, trainable_modules: see :func:`models.add_lora` (the paper
+        adapts T5's q and v).
+    :param r: rank of each task's LoRA (8).
+    :param alpha: LoRA alpha (32: scale 4 at r = 8).
+    :param dropout: adapter input dropout (0.1).
+    :param lambda_orth: weight of the orthogonality loss (0.5).
+    :param lambda_l2: weight of the L2 norm of the new factors (0).
+    :param masked_loss: cross-entropy over the current experience's classes only (see above).
     """
 
     _state_attrs = ("adapted_modules", "trained_tasks", "seen_classes", "orth_history")
@@ -57,14 +72,14 @@ class OLoRAPlugin(ClassMaskMixin, AdapterPluginMixin, SupervisedPlugin, supports
         *,
         target_modules: Optional[Target] = None,
         r: int = 8,
-        alpha: Optional[float] = None,
-        dropout: float = 0.0,
+        alpha: Optional[float] = 32.0,
+        dropout: float = 0.1,
         conv_mode: str = "kxk_1x1",
         exclude_modules: Optional[Target] = None,
         trainable_modules="auto",
         lambda_orth: float = 0.5,
         lambda_l2: float = 0.0,
-        masked_loss: bool = False,
+        masked_loss: bool = True,
     ):
         super().__init__()
         if lambda_orth < 0 or lambda_l2 < 0:
@@ -116,23 +131,33 @@ class OLoRAPlugin(ClassMaskMixin, AdapterPluginMixin, SupervisedPlugin, supports
 
 
 class OLoRA(MethodStrategy):
-    """Avalanche strategy: ``SupervisedTemplate`` plus :class:`OLoRAPlugin` (Wang et al., EMNLP Findings 2023)."""
+    """Avalanche strategy: ``SupervisedTemplate`` plus :class:`OLoRAPlugin` (Wang et al., EMNLP Findings 2023).
+
+    Recipe (cmnfriend/O-LoRA @ 07117e1): AdamW (DeepSpeed's, ``configs/ds_configs/stage2.config`` L13-29, weight
+    decay and betas the trainer's defaults 0 and (0.9, 0.999)), lr 1e-3 constant (``scripts/order_1.sh`` L24, L35-36),
+    1 epoch per task. The O-LoRA options are those of :class:`OLoRAPlugin`.
+    """
+
+    name = "o_lora"
+    recipe = TrainingRecipe(optimizer="adamw", lr=1e-3, weight_decay=0.0,
+                            source="cmnfriend/O-LoRA@07117e1 scripts/order_1.sh L24-36, stage2.config L13-29")
+    plugin_class = OLoRAPlugin
 
     def __init__(
         self,
         *,
         model: nn.Module,
-        optimizer: torch.optim.Optimizer,
+        optimizer: Optional[torch.optim.Optimizer] = None,
         target_modules: Optional[Target] = None,
         r: int = 8,
-        alpha: Optional[float] = None,
-        dropout: float = 0.0,
+        alpha: Optional[float] = 32.0,
+        dropout: float = 0.1,
         conv_mode: str = "kxk_1x1",
         exclude_modules: Optional[Target] = None,
         trainable_modules="auto",
         lambda_orth: float = 0.5,
         lambda_l2: float = 0.0,
-        masked_loss: bool = False,
+        masked_loss: bool = True,
         **base_kwargs,
     ):
         super().__init__(

@@ -11,13 +11,14 @@ from typing import Optional
 
 import torch
 from avalanche.core import SupervisedPlugin
-from avalanche.models import avalanche_forward
+from avalanche.models import MultiTaskModule, avalanche_forward
 from torch import nn
 
 from models.inject import Target, _set_submodule, count_parameters
 from models.task_lora import TaskBatchNorm, TaskLoRAConv2d, TaskLoRALinear, TaskLoRAMixin, set_task_routing
 
-from .base import AdapterPluginMixin, MethodStrategy
+from .base import AdapterPluginMixin, MethodStrategy, unwrap
+from .recipe import TrainingRecipe
 
 __all__ = ["PerTaskLoRAPlugin", "PerTaskLoRA"]
 
@@ -39,10 +40,11 @@ class PerTaskLoRAPlugin(AdapterPluginMixin, SupervisedPlugin, supports_distribut
         :func:`models.add_lora`.
     :param per_task_bn: keep a copy of every BatchNorm layer per task (as the effects-of-LoRA study does); the
         current copy trains with the adapter.
-    :param class_incremental: key adapters by experience and infer the task at evaluation (see above).
+    :param class_incremental: key adapters by experience and infer the task at evaluation (see above); ``None``
+        decides from the model: class-incremental unless it is a ``MultiTaskModule`` (per-task heads).
     """
 
-    _state_attrs = ("adapted_modules", "trained_tasks", "task_classes", "current_task")
+    _state_attrs = ("adapted_modules", "trained_tasks", "task_classes", "current_task", "class_incremental")
     _layer_type, _layer_desc = TaskLoRAMixin, "per-task LoRA"
 
     def __init__(
@@ -57,7 +59,7 @@ class PerTaskLoRAPlugin(AdapterPluginMixin, SupervisedPlugin, supports_distribut
         rslora: bool = False,
         trainable_modules="auto",
         per_task_bn: bool = False,
-        class_incremental: bool = False,
+        class_incremental: Optional[bool] = None,
     ):
         super().__init__()
         self.lora_kwargs = dict(
@@ -75,6 +77,8 @@ class PerTaskLoRAPlugin(AdapterPluginMixin, SupervisedPlugin, supports_distribut
     # -- set-up ---------------------------------------------------------------------------------------------
     def prepare(self, model: nn.Module) -> None:
         """Inject the per-task layers (and BN copies) unless the model has them; called in ``before_training``."""
+        if self.class_incremental is None:
+            self.class_incremental = not isinstance(unwrap(model), MultiTaskModule)
         had = any(isinstance(m, TaskLoRAMixin) for m in model.modules())
         super().prepare(model)
         if had or not self.per_task_bn:
@@ -193,17 +197,26 @@ class PerTaskLoRAPlugin(AdapterPluginMixin, SupervisedPlugin, supports_distribut
 class PerTaskLoRA(MethodStrategy):
     """Avalanche strategy: ``SupervisedTemplate`` plus :class:`PerTaskLoRAPlugin` (one LoRA/ConvLoRA per task).
 
+    Recipe: SGD, lr 0.01, momentum 0.9, constant (our choice). The effects-of-LoRA study trains with Adam lr 1e-5,
+    weight decay 5e-4, up to 300 epochs with ReduceLROnPlateau and early stopping on the *test* accuracy, and a
+    softmax applied twice (its ``LoraVGG19``): a recipe that cannot be followed without its flaws; ConvLoRA (Aleem
+    et al.) uses Adam 1e-4 for domain adaptation.
+
     :param model: for task-incremental learning a :class:`~avalanche.models.MultiTaskModule` with one head per task
         (e.g. :class:`~models.heads.TaskIncrementalClassifier`).
-    :param optimizer: an optimizer over ``model.parameters()``.
+    :param optimizer: ``None`` builds the recipe's; else an optimizer over ``model.parameters()``.
     The LoRA options are those of :class:`PerTaskLoRAPlugin`; the rest those of ``SupervisedTemplate``.
     """
+
+    name = "per_task_lora"
+    recipe = TrainingRecipe(optimizer="sgd", lr=0.01, momentum=0.9, source="this project (see the docstring)")
+    plugin_class = PerTaskLoRAPlugin
 
     def __init__(
         self,
         *,
         model: nn.Module,
-        optimizer: torch.optim.Optimizer,
+        optimizer: Optional[torch.optim.Optimizer] = None,
         target_modules: Optional[Target] = None,
         r: int = 8,
         alpha: Optional[float] = None,
@@ -213,7 +226,7 @@ class PerTaskLoRA(MethodStrategy):
         rslora: bool = False,
         trainable_modules="auto",
         per_task_bn: bool = False,
-        class_incremental: bool = False,
+        class_incremental: Optional[bool] = None,
         **base_kwargs,
     ):
         super().__init__(

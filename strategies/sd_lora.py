@@ -16,6 +16,7 @@ from models.inject import Target, count_parameters
 from models.sum_lora import LoRAMagnitudes, SDLoRAConv2d, SDLoRALinear, SumLoRAMixin
 
 from .base import AdapterPluginMixin, ClassMaskMixin, MethodStrategy, unwrap
+from .recipe import TrainingRecipe
 
 __all__ = ["SDLoRAPlugin", "SDLoRA"]
 
@@ -31,12 +32,25 @@ class SDLoRAPlugin(ClassMaskMixin, AdapterPluginMixin, SupervisedPlugin, support
 
     A task's direction is frozen when the next experience starts (in ``before_train_dataset_adaptation``, so its new
     magnitude is a parameter before Avalanche updates the optimizer): evaluation after a task sees the model exactly
-    as trained. Earlier magnitudes carry over from task to task (the official code re-creates them at 0.8 each task).
-    No merge and no task identity at inference.
+    as trained. At that point every earlier magnitude restarts at ``magnitude_init`` (``reset_magnitudes``, the
+    official behaviour) or keeps its learnt value. No merge and no task identity at inference.
 
-    :param target_modules, r, alpha, dropout, conv_mode, exclude_modules, trainable_modules: see
-        :func:`models.add_lora` (the paper adapts Q and V of every ViT block, r = 10, alpha = r).
+    Follows WuYichen-97/SD-Lora-CL @ 8bacded6eb44786db071f66fb90a87dd660d94ea: ``backbone/lora.py`` L183-191
+    (``α_i^prev · B_i A_i x / (‖B_i‖ ‖A_i‖)`` for the saved directions, ``α · B A x`` for the current one, no
+    alpha/r), magnitudes ``Parameter(0.8)`` for the current and 20 past directions (L326-328), all learnable;
+    ``models/sdlora.py`` L109 rebuilds the backbone at every task, so every magnitude is re-created at 0.8; loss
+    ``CE(logits[:, known:], y - known)`` (L225-236; the orthogonality loss is computed but not added); training
+    recipe in :class:`SDLoRA`. Deviations kept:
+
+    * any Linear/Conv2d can be adapted (the paper: Q and V of every ViT block, rank 10 hard-coded, L86);
+    * ``reset_magnitudes=False`` offers the variant where magnitudes carry over (this project's earlier default).
+
+    :param target_modules, exclude_modules, conv_mode, trainable_modules: see :func:`models.add_lora`.
+    :param r: rank (10).
+    :param alpha: ``None`` means ``alpha = r`` (scale 1: the code has no alpha/r).
+    :param dropout: adapter input dropout (0).
     :param magnitude_init: initial value of each magnitude (0.8).
+    :param reset_magnitudes: re-create every past magnitude at ``magnitude_init`` when a task starts (official).
     :param masked_loss: cross-entropy over the current experience's classes only (as the paper).
     """
 
@@ -54,6 +68,7 @@ class SDLoRAPlugin(ClassMaskMixin, AdapterPluginMixin, SupervisedPlugin, support
         exclude_modules: Optional[Target] = None,
         trainable_modules="auto",
         magnitude_init: float = 0.8,
+        reset_magnitudes: bool = True,
         masked_loss: bool = True,
     ):
         super().__init__()
@@ -61,6 +76,7 @@ class SDLoRAPlugin(ClassMaskMixin, AdapterPluginMixin, SupervisedPlugin, support
                                 exclude_modules=exclude_modules, trainable_modules=trainable_modules,
                                 linear_cls=SDLoRALinear, conv_cls=SDLoRAConv2d)
         self.magnitude_init, self.masked_loss = float(magnitude_init), masked_loss
+        self.reset_magnitudes = reset_magnitudes
         self.adapted_modules: list[str] = []
         self.trained_tasks: list[int] = []
         self.seen_classes: list[int] = []
@@ -100,7 +116,10 @@ class SDLoRAPlugin(ClassMaskMixin, AdapterPluginMixin, SupervisedPlugin, support
         for layer in self._layers(strategy.model):
             layer.store_adapter(t)  # the normalised direction, frozen
             layer.reset_lora_parameters()
-        self.magnitudes(strategy.model).freeze_current(t)  # a new (learnable) magnitude for it
+        mags = self.magnitudes(strategy.model)
+        mags.freeze_current(t)  # a new (learnable) magnitude for it
+        if self.reset_magnitudes:  # the official backbone is rebuilt per task: every magnitude back at its init
+            mags.reset_past()
         self.pending_task = None
 
     def before_training_exp(self, strategy, **kwargs):
@@ -129,15 +148,22 @@ class SDLoRAPlugin(ClassMaskMixin, AdapterPluginMixin, SupervisedPlugin, support
 class SDLoRA(MethodStrategy):
     """Avalanche strategy: ``SupervisedTemplate`` plus :class:`SDLoRAPlugin` (Wu et al., ICLR 2025).
 
-    The paper trains with SGD (lr 8e-3, weight decay 2e-4, cosine); the SD-LoRA options are those of
-    :class:`SDLoRAPlugin`.
+    Recipe (WuYichen-97/SD-Lora-CL @ 8bacded, ``models/sdlora.py`` L95-121): a new SGD per task, lr 8e-3, momentum
+    0.9, **no weight decay** (commented out in the code; the config's 2e-4 is read only by dead code), constant lr
+    (the MultiStepLR milestones 40/60 are never reached in its 20 epochs); batch 128 (``exps/sdlora_c100.json``).
+    The SD-LoRA options are those of :class:`SDLoRAPlugin`.
     """
+
+    name = "sd_lora"
+    recipe = TrainingRecipe(optimizer="sgd", lr=8e-3, momentum=0.9, weight_decay=0.0,
+                            source="WuYichen-97/SD-Lora-CL@8bacded models/sdlora.py L95-121")
+    plugin_class = SDLoRAPlugin
 
     def __init__(
         self,
         *,
         model: nn.Module,
-        optimizer: torch.optim.Optimizer,
+        optimizer: Optional[torch.optim.Optimizer] = None,
         target_modules: Optional[Target] = None,
         r: int = 10,
         alpha: Optional[float] = None,
@@ -146,6 +172,7 @@ class SDLoRA(MethodStrategy):
         exclude_modules: Optional[Target] = None,
         trainable_modules="auto",
         magnitude_init: float = 0.8,
+        reset_magnitudes: bool = True,
         masked_loss: bool = True,
         **base_kwargs,
     ):
@@ -153,7 +180,7 @@ class SDLoRA(MethodStrategy):
             method_plugin=SDLoRAPlugin(
                 target_modules=target_modules, r=r, alpha=alpha, dropout=dropout, conv_mode=conv_mode,
                 exclude_modules=exclude_modules, trainable_modules=trainable_modules,
-                magnitude_init=magnitude_init, masked_loss=masked_loss,
+                magnitude_init=magnitude_init, reset_magnitudes=reset_magnitudes, masked_loss=masked_loss,
             ),
             model=model,
             optimizer=optimizer,

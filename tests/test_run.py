@@ -10,9 +10,9 @@ from experiments.run import DEFAULTS, main, parse_config, summarize
 
 def test_config_file_then_cli_override(tmp_path):
     cfg_file = tmp_path / "c.yaml"
-    cfg_file.write_text("method: naive\nr: 16\nlr: 0.5\nbatch-size: 8\n")
+    cfg_file.write_text("method: merge_lora\nr: 16\nlr: 0.5\nbatch-size: 8\n")
     cfg = parse_config(["--config", str(cfg_file), "--r", "2"])
-    assert cfg["method"] == "naive" and cfg["lr"] == 0.5 and cfg["batch_size"] == 8
+    assert cfg["method"] == "merge_lora" and cfg["lr"] == 0.5 and cfg["batch_size"] == 8
     assert cfg["r"] == 2  # the command line wins
     assert cfg["epochs"] == DEFAULTS["epochs"]
     assert parse_config(["--benchmark", "split_cifar100"])["n_experiences"] == 10
@@ -200,10 +200,10 @@ def test_shipped_configs_parse(name):
 @pytest.mark.parametrize("backbone", ["cifar_resnet20", "vit_cifar"])
 def test_peer_methods_run_class_incremental_from_the_cli(tmp_path, capsys, method, backbone):
     data = _made_data(tmp_path)
+    hide = ["--ca-epochs", "2", "--n-centroids", "2"] if method == "hide_lora" else []
     res, _, stdout = _run(
         tmp_path, capsys, "--benchmark", "arrays", "--data", str(data), "--n-experiences", "2", "--method", method,
-        "--backbone", backbone, "--batch-size", "8", "--r", "2", "--lr", "0.01", "--ca-epochs", "2",
-        "--n-centroids", "2",
+        "--backbone", backbone, "--batch-size", "8", "--r", "2", "--lr", "0.01", *hide,
     )
     assert res["finished"] and len(res["accuracy_matrix"]) == 2
     p0, p1 = res["parameters"]
