@@ -25,23 +25,6 @@ def test_gate_layer_is_B_diag_w_A():
     assert conv.lora_gate.shape == (6,)  # one gate per row of A: r·k
 
 
-def test_threshold_schedule_and_soft_threshold():
-    plugin = CoDyRAPlugin(r=2, max_kappa=0.01, dense_fraction=0.5, lambda_num=5)
-    plugin._dense_iters, plugin._tau_every = 50, 10  # T = 100
-    assert plugin.current_tau(0) == plugin.current_tau(49) == 0.0
-    assert plugin.current_tau(50) == 0.0 and plugin.current_tau(60) == pytest.approx(0.0025)
-    assert plugin.current_tau(99) == pytest.approx(0.01) == plugin.current_tau(500)
-
-    class S:  # the two attributes after_update reads
-        model = nn.Sequential(GateLoRALinear(nn.Linear(4, 4), r=4))
-        class clock:
-            train_exp_iterations = 99
-    with torch.no_grad():
-        S.model[0].lora_gate.copy_(torch.tensor([0.5, -0.5, 0.005, -0.009]))
-    plugin.after_update(S)
-    torch.testing.assert_close(S.model[0].lora_gate.detach(), torch.tensor([0.49, -0.49, 0.0, 0.0]))
-
-
 class _Spy(CoDyRAPlugin):
     def after_training_exp(self, strategy, **kwargs):
         self.pre = {n: (m.lora_gate.detach().clone(), m.delta_weight().detach().clone(),

@@ -57,8 +57,8 @@ def test_merge_lora_two_experiences_on_real_cifar10(tmp_path, capsys, cifar10_np
     res, out, stdout = _run(
         tmp_path, capsys, "--benchmark", "split_cifar10", "--n-experiences", "2", "--method", "merge_lora",
         "--backbone", "cifar_resnet32", "--backbone-weights", str(resnet32_weights), "--data", str(cifar10_npz),
-        "--subset", "300", "--eval-subset", "200", "--batch-size", "32", "--lr", "0.05", "--seed", "3",
-        "--alpha", "1",
+        "--subset", "300", "--eval-subset", "200", "--batch-size", "32", "--seed", "3", "--r", "4",
+        "--alpha", "1", "--optimizer", "sgd", "--lr", "0.05", "--lr-schedule", "constant", "--warmup", "0",
     )
     assert res["finished"] and res["experiences_done"] == 2
     m = res["accuracy_matrix"]
