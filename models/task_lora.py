@@ -15,7 +15,11 @@ from torch import Tensor, nn
 
 from .lora import LoRAConv2d, LoRALinear
 
-__all__ = ["TaskLoRAMixin", "TaskLoRALinear", "TaskLoRAConv2d", "TaskBatchNorm", "set_task_routing", "task_layers"]
+__all__ = ["TaskLoRAMixin", "TaskLoRALinear", "TaskLoRAConv2d", "TaskBatchNorm", "set_task_routing", "task_layers",
+           "BASE_ROUTE"]
+
+
+BASE_ROUTE = -1  # route to the bare backbone: no adapter, the pretrained BatchNorm
 
 
 def _routing_groups(labels, batch: int):
@@ -53,6 +57,8 @@ class TaskLoRAMixin:
         self.bank_B[str(task)] = nn.Parameter(self.lora_B.detach().clone(), requires_grad=False)
 
     def _factors(self, task: int):
+        if task == BASE_ROUTE:
+            return None
         key = str(task)
         if key in self.bank_A:
             return self.bank_A[key], self.bank_B[key]
@@ -69,6 +75,8 @@ class TaskLoRAMixin:
             return self.base_layer(x)
         groups = _routing_groups(self.task_labels, x.shape[0])
         if len(groups) == 1:
+            if groups[0][0] == BASE_ROUTE:
+                return self.base_layer(x)
             A, B = self._factors(groups[0][0])
             if self._through_weight():
                 return self._forward_with_weight(x, self._weight_plus(A, B, self.scaling))
@@ -77,6 +85,8 @@ class TaskLoRAMixin:
         x = self.lora_dropout(x)
         delta = torch.zeros_like(out)
         for task, mask in groups:
+            if task == BASE_ROUTE:
+                continue
             A, B = self._factors(task)
             delta[mask] = self._lora_apply(x[mask], A, B) * self.scaling
         return out + delta
@@ -118,9 +128,17 @@ class TaskBatchNorm(nn.Module):
     def __init__(self, bn: nn.modules.batchnorm._BatchNorm):
         super().__init__()
         self.bn = bn
+        # the BatchNorm as it was before any task, frozen: what the pretraining task (route BASE_ROUTE) uses
+        self.pretrained = copy.deepcopy(bn).eval().requires_grad_(False)
         self.bank = nn.ModuleDict()
         self.current_task: int | None = None
         self.task_labels = None
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.pretrained.eval()  # frozen copies keep fixed statistics, whatever the model's mode (e.g. a replayed
+        self.bank.eval()  # sample of an earlier task routed to its copy while the current one trains)
+        return self
 
     def store(self, task: int) -> None:
         snap = copy.deepcopy(self.bn).eval()
@@ -129,6 +147,8 @@ class TaskBatchNorm(nn.Module):
         self.bank[str(task)] = snap
 
     def _layer(self, task: int) -> nn.Module:
+        if task == BASE_ROUTE:
+            return self.pretrained
         if str(task) in self.bank:
             return self.bank[str(task)]
         if task == self.current_task:
@@ -161,7 +181,8 @@ def task_layers(model: nn.Module) -> list[nn.Module]:
 
 
 def set_task_routing(model: nn.Module, labels: int | Tensor | None) -> None:
-    """Route the next forward passes: every sample (``int``) or each sample (``LongTensor``) to its task."""
+    """Route the next forward passes: every sample (``int``) or each sample (``LongTensor``) to its task;
+    :data:`BASE_ROUTE` (-1) routes to the bare backbone (no adapter, the BatchNorm as it was before any task)."""
     if isinstance(labels, Tensor):
         labels = labels.to(torch.long)
     for m in task_layers(model):

@@ -23,7 +23,8 @@ from models.lora import LoRALayer
 from .recipe import FreshOptimizerPlugin, TrainingRecipe, build_optimizer
 
 __all__ = ["AdapterPluginMixin", "DistributedTemplate", "MethodStrategy", "PluginStateMixin", "unwrap", "mask_logits",
-           "ClassMaskMixin", "experience_loader", "all_reduce_"]
+           "mask_logits_per_sample", "MaskedCriterion", "ClassMaskMixin", "experience_loader", "all_reduce_",
+           "find_method_plugin"]
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -41,11 +42,54 @@ def mask_logits(logits: torch.Tensor, classes) -> torch.Tensor:
     return out
 
 
+def mask_logits_per_sample(logits: torch.Tensor, targets: torch.Tensor, current, seen) -> torch.Tensor:
+    """Each sample scored over the classes of its own experience: a sample of one of the ``current`` classes over
+    those classes, any other sample (replayed data) over every ``seen`` class. The other columns are set below the
+    smallest kept logit of the row (finite, detached: no gradient reaches them)."""
+    C = logits.shape[1]
+    cur = torch.zeros(C, dtype=torch.bool, device=logits.device)
+    cur[torch.as_tensor(sorted(current), dtype=torch.long, device=logits.device)] = True
+    seen_mask = cur.clone()
+    if len(seen):
+        seen_mask[torch.as_tensor(sorted(seen), dtype=torch.long, device=logits.device)] = True
+    keep = torch.where(cur[targets.long()].unsqueeze(1), cur.unsqueeze(0), seen_mask.unsqueeze(0))
+    low = logits.detach().masked_fill(~keep, float("inf")).amin(1, keepdim=True) - 1e3
+    return torch.where(keep, logits, low)
+
+
+class MaskedCriterion(nn.Module):
+    """The strategy's criterion applied to per-sample masked logits (:func:`mask_logits_per_sample`) while it
+    trains; unchanged in evaluation. ``strategy.mb_output`` stays the model's raw output, so other plugins (LwF's
+    distillation, metrics) see the true logits of every class."""
+
+    def __init__(self, base, plugin, strategy):
+        super().__init__()
+        self.base, self.plugin, self.strategy = base, plugin, strategy
+
+    def forward(self, logits, targets):
+        if self.strategy.is_training and self.plugin.masked_loss and self.plugin._current_classes:
+            logits = mask_logits_per_sample(logits, targets, self.plugin._current_classes, self.plugin.seen_classes)
+        return self.base(logits, targets)
+
+
+def find_method_plugin(strategy, attr: str):
+    """The plugin of ``strategy`` that answers ``attr`` (e.g. ``parameter_report``, ``last_tii``): the method plugin
+    of our strategies, or the first such plugin in ``strategy.plugins`` (a method plugin inside Avalanche's own
+    ``Naive``, ``Replay``, ``LwF``...). ``None`` if there is none."""
+    plugin = getattr(strategy, "method_plugin", None)
+    if plugin is not None and hasattr(plugin, attr):
+        return plugin
+    return next((p for p in getattr(strategy, "plugins", []) if hasattr(p, attr)), None)
+
+
 class ClassMaskMixin:
     """Class-incremental logit masking shared by the methods whose code trains one head over all classes:
 
-    * training (``masked_loss``): cross-entropy over the current experience's classes only (InfLoRA, SD-LoRA and
-      HiDe train per-task heads, or mask the other classes, this way);
+    * training (``masked_loss``): the strategy's criterion becomes a :class:`MaskedCriterion`, so each sample is
+      scored over the classes of its own experience: the current experience's data over its classes (InfLoRA,
+      SD-LoRA, HiDe and CoDyRA train per-task heads, or mask the other classes, this way), replayed data of earlier
+      experiences over every seen class; the model's output itself is not changed, so LwF's distillation sees every
+      class's logit;
     * evaluation: classes of no trained experience are masked (their head rows never trained; the papers' heads
       grow with the classes, Avalanche's ``IncrementalClassifier`` masks them the same way).
 
@@ -62,9 +106,9 @@ class ClassMaskMixin:
         self._current_classes = sorted(int(c) for c in strategy.experience.classes_in_this_experience)
         self.seen_classes = sorted(set(self.seen_classes) | set(self._current_classes))
 
-    def after_forward(self, strategy, **kwargs):
-        if self.masked_loss and self._maskable(strategy):
-            strategy.mb_output = mask_logits(strategy.mb_output, self._current_classes)
+    def after_forward(self, strategy, **kwargs):  # before Avalanche computes the loss of this mini-batch
+        if self.masked_loss and self._maskable(strategy) and not isinstance(strategy._criterion, MaskedCriterion):
+            strategy._criterion = MaskedCriterion(strategy._criterion, self, strategy)
 
     def after_eval_forward(self, strategy, **kwargs):
         if self.seen_classes and self._maskable(strategy):

@@ -15,13 +15,14 @@ import torch.nn.functional as F
 from avalanche.core import SupervisedPlugin
 from avalanche.distributed import DistributedHelper
 from avalanche.models import MultiTaskModule
+from avalanche.models.utils import avalanche_model_adaptation
 from torch import nn
 
 from models.inject import Target, add_lora, count_parameters, find_head, lora_layers
 from models.task_lora import TaskLoRAConv2d, TaskLoRALinear, TaskLoRAMixin, set_task_routing
 
-from .base import (AdapterPluginMixin, ClassMaskMixin, MethodStrategy, all_reduce_, experience_loader, mask_logits,
-                   unwrap)
+from .base import (AdapterPluginMixin, ClassMaskMixin, MethodStrategy, all_reduce_, experience_loader,
+                   mask_logits_per_sample, unwrap)
 from .recipe import TrainingRecipe
 
 __all__ = ["HiDeLoRAPlugin", "HiDeLoRA", "CA_METHODS", "class_statistics", "sample_features"]
@@ -240,6 +241,10 @@ class HiDeLoRAPlugin(ClassMaskMixin, AdapterPluginMixin, SupervisedPlugin, suppo
         head = self._head(strategy.model)
         self._hook = head.register_forward_pre_hook(lambda _m, args: setattr(self, "_features", args[0]))
         self.shared_model.to(strategy.device)
+        was_training = self.shared_model.training
+        self.shared_model.train()  # a growing head (Avalanche's IncrementalClassifier) grows in the copy too
+        avalanche_model_adaptation(self.shared_model, strategy.experience)
+        self.shared_model.train(was_training).to(strategy.device)
         self._shared_opt = self._shared_optimizer(strategy.optimizer)
 
     def _shared_optimizer(self, template: torch.optim.Optimizer) -> torch.optim.Optimizer:
@@ -283,7 +288,7 @@ class HiDeLoRAPlugin(ClassMaskMixin, AdapterPluginMixin, SupervisedPlugin, suppo
         modes = {n: m.training for n, m in unwrap(strategy.model).named_modules()}
         for n, m in shared.named_modules():  # e.g. frozen BatchNorm: the copy follows the main model's modes
             m.training = modes.get(n, m.training)
-        logits = mask_logits(shared(strategy.mb_x), self._current_classes)
+        logits = mask_logits_per_sample(shared(strategy.mb_x), strategy.mb_y, self._current_classes, self.seen_classes)
         loss = strategy._criterion(logits, strategy.mb_y)
         self._shared_opt.zero_grad()
         loss.backward()

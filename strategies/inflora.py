@@ -26,8 +26,22 @@ __all__ = ["InfLoRAPlugin", "InfLoRA", "dualgpm_update"]
 
 def left_singular(M: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Left singular vectors and squared singular values of a square ``M``, largest first, from the symmetric
-    eigendecomposition of ``M Mᵀ`` (several times faster than an SVD; the energies ``σ²`` come out directly)."""
-    lam, U = torch.linalg.eigh(M @ M.T)
+    eigendecomposition of ``M Mᵀ`` in float64 (several times faster than an SVD; the energies ``σ²`` come out
+    directly). Robust: the Gram matrix is symmetrised; if ``eigh`` does not converge (ill-conditioned covariances
+    of wide convs) it is retried with a small diagonal jitter, and an SVD of ``M`` is the last resort."""
+    M = M.double()
+    G = M @ M.T
+    G = (G + G.T) / 2
+    try:
+        lam, U = torch.linalg.eigh(G)
+    except torch.linalg.LinAlgError:
+        try:
+            jitter = 1e-10 * float(G.diagonal().abs().mean()) + 1e-300
+            lam, U = torch.linalg.eigh(G + jitter * torch.eye(len(G), dtype=G.dtype, device=G.device))
+            lam = lam - jitter
+        except torch.linalg.LinAlgError:
+            U, S, _ = torch.linalg.svd(M)
+            return U, S ** 2
     return U.flip(1), lam.flip(0).clamp_min(0)
 
 

@@ -16,9 +16,9 @@ from torch.utils.data import DataLoader
 from models.gate_lora import GateLoRAMixin
 from models.heads import TaskIncrementalClassifier
 from models.inject import count_parameters, find_head, lora_layers
-from models.task_lora import set_task_routing
+from models.task_lora import BASE_ROUTE, set_task_routing
 
-from .base import unwrap
+from .base import find_method_plugin, unwrap
 
 __all__ = [
     "parameter_report",
@@ -37,9 +37,13 @@ def parameter_report(strategy) -> dict:
     one forward pass uses; one head in task-IL). Methods refine stored/inference with ``parameter_report(model)``."""
     model = unwrap(strategy.model)
     counts = count_parameters(model)
-    plugin = getattr(strategy, "method_plugin", None)
-    if plugin is not None and hasattr(plugin, "parameter_report"):
+    plugin = find_method_plugin(strategy, "parameter_report")
+    if plugin is not None:
         rep = plugin.parameter_report(model)
+    elif counts["adapter"]:
+        raise ValueError("The model has adapter layers but no plugin of the strategy reports what they cost (stored / "
+                         "inference parameters depend on the method): put the method's plugin (e.g. InfLoRAPlugin) "
+                         "in strategy.plugins.")
     else:
         rep = dict(stored=counts["total"], inference=counts["total"])
     counts.update(stored=rep["stored"], inference=rep["inference"])
@@ -159,7 +163,10 @@ class PretrainingRetentionPluginMetric(PluginMetric[float]):
     :param dataset: yields ``(x, y, ...)`` ready for the model (transformed and normalised).
     :param head: the pretrained classifier head (kept frozen here; a copy is taken).
     :param batch_size: evaluation batch size.
-    Per-task models are routed to the last trained task's adapter. Emits ``PretrainRetention/eval_phase/Exp<e>``.
+    What is measured is the pretraining task served as the method would serve it: merged and summed methods through
+    their model as it is; methods that route samples to a task's adapter (per-task LoRA, HiDe-LoRA) through the bare
+    backbone (route :data:`~models.task_lora.BASE_ROUTE`: no adapter, the pretrained BatchNorm), the route a
+    task-aware deployment gives a task it has no adapter for. Emits ``PretrainRetention/eval_phase/Exp<e>``.
     """
 
     def __init__(self, dataset, head: nn.Module, *, batch_size: int = 256):
@@ -177,12 +184,11 @@ class PretrainingRetentionPluginMetric(PluginMetric[float]):
         pass
 
     @torch.no_grad()
-    def measure(self, model: nn.Module, device, task_label=None) -> float:
+    def measure(self, model: nn.Module, device) -> float:
         modes = {m: m.training for m in model.modules()}
         model.eval()
         head = self.head.to(device)
-        if task_label is not None:
-            set_task_routing(model, task_label)
+        set_task_routing(model, BASE_ROUTE)  # no-op for models without routed layers
         correct = total = 0
         try:
             for batch in self.loader:
@@ -195,8 +201,7 @@ class PretrainingRetentionPluginMetric(PluginMetric[float]):
         return correct / max(total, 1)
 
     def after_training_exp(self, strategy):
-        plugin = getattr(strategy, "method_plugin", None)
-        acc = self.measure(unwrap(strategy.model), strategy.device, getattr(plugin, "current_task", None))
+        acc = self.measure(unwrap(strategy.model), strategy.device)
         self.history.append(acc)
         e = strategy.experience.current_experience
         return [MetricValue(self, f"PretrainRetention/eval_phase/Exp{e:03d}", acc, _x(strategy))]
@@ -345,7 +350,7 @@ class TaskInferenceAccuracyPluginMetric(PluginMetric[float]):
         self._exp = [0, 0]
 
     def after_eval_iteration(self, strategy):
-        tii = getattr(getattr(strategy, "method_plugin", None), "last_tii", None)
+        tii = getattr(find_method_plugin(strategy, "last_tii"), "last_tii", None)
         if tii is not None:
             pred, true = tii
             hits, n = int((pred == true).sum()), int(true.numel())

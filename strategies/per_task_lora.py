@@ -123,7 +123,10 @@ class PerTaskLoRAPlugin(AdapterPluginMixin, SupervisedPlugin, supports_distribut
         self.task_classes[t] = sorted(int(c) for c in strategy.experience.classes_in_this_experience)
 
     def before_forward(self, strategy, **kwargs):
-        set_task_routing(strategy.model, self.current_task)
+        if self.class_incremental:
+            set_task_routing(strategy.model, self.current_task)
+        else:  # each sample by its own task label: replayed samples of earlier tasks go to their frozen adapters
+            set_task_routing(strategy.model, strategy.mb_task_id)
 
     def after_training_exp(self, strategy, **kwargs):
         t = self.current_task
@@ -147,7 +150,9 @@ class PerTaskLoRAPlugin(AdapterPluginMixin, SupervisedPlugin, supports_distribut
 
     def after_eval_forward(self, strategy, **kwargs):
         if self.class_incremental and self._known_tasks():
-            strategy.mb_output = self.infer(strategy.model, strategy.mb_x, strategy.mb_task_id)
+            # task labels only for a multi-task model (a class-incremental benchmark may have none)
+            labels = strategy.mb_task_id if isinstance(unwrap(strategy.model), MultiTaskModule) else None
+            strategy.mb_output = self.infer(strategy.model, strategy.mb_x, labels)
 
     @torch.no_grad()
     def infer(self, model: nn.Module, x: torch.Tensor, task_labels=None) -> torch.Tensor:

@@ -93,6 +93,16 @@ class SDLoRAPlugin(ClassMaskMixin, AdapterPluginMixin, SupervisedPlugin, support
         for layer in self._layers(model):
             object.__setattr__(layer, "magnitudes", mags)
 
+    def before_training(self, strategy, **kwargs):
+        self.prepare(strategy.model)
+        # the magnitudes are a new top-level module: Avalanche would place them in the optimizer group of their
+        # nearest sibling, which is ambiguous when the optimizer has several groups ("No unique group found"); they
+        # get a group of their own, with the optimizer's defaults (its constructor's lr, momentum...)
+        mags = list(self.magnitudes(strategy.model).parameters())
+        held = {id(p) for g in strategy.optimizer.param_groups for p in g["params"]}
+        if not any(id(p) in held for p in mags):
+            strategy.optimizer.add_param_group({"params": mags})
+
     def _layers(self, model) -> list[SumLoRAMixin]:
         return [m for m in unwrap(model).modules() if isinstance(m, SumLoRAMixin)]
 
