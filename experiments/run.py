@@ -269,24 +269,6 @@ def _target(spec):
     return [s.strip() for s in spec.split(",") if s.strip()] if "," in spec else spec
 
 
-def auto_target_modules(backbone: str):
-    """Default LoRA targets: every 3×3 conv in a CIFAR ResNet's stages; a ViT's qkv/proj/fc1/fc2; else every Linear
-    and ungrouped Conv2d except the classifier head."""
-    from torch import nn
-
-    if backbone.startswith("cifar_resnet"):
-        return r"(.*\.)?layer\d\.\d+\.conv[12]"
-    if backbone == "vit_cifar" or backbone.startswith("timm:vit"):
-        return ["attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"]
-
-    def pred(name, module):
-        if name.split(".")[-1] in ("head", "fc", "classifier", "linear") or ".head." in f".{name}.":
-            return False
-        return isinstance(module, nn.Linear) or (isinstance(module, nn.Conv2d) and module.groups == 1)
-
-    return pred
-
-
 def _device(spec: str):
     import torch
 
@@ -342,7 +324,7 @@ def build_strategy(cfg: dict, model, common: dict):
     cls, kwargs, recipe = resolve_method(cfg)
     if kwargs.get("target_modules") is not None:
         target = _target(kwargs["target_modules"])
-        kwargs["target_modules"] = auto_target_modules(cfg["backbone"]) if target == "auto" else target
+        kwargs["target_modules"] = target  # "auto" is resolved on the model (models.auto_targets)
     if kwargs.get("exclude_modules") is not None:
         kwargs["exclude_modules"] = _target(kwargs["exclude_modules"])
     opt = build_optimizer(recipe, model.parameters(), common["train_mb_size"])

@@ -28,10 +28,33 @@ __all__ = [
     "count_parameters",
     "find_head",
     "matches",
+    "auto_targets",
 ]
 
 Target = Union[str, Iterable[str], Callable[[str, nn.Module], bool]]
 SUPPORTED_TYPES = (nn.Linear, nn.Conv2d)
+
+
+def auto_targets(model: nn.Module) -> Target:
+    """``target_modules="auto"``: every 3×3 conv of a CIFAR ResNet's stages; ``attn.qkv``, ``attn.proj``,
+    ``mlp.fc1``, ``mlp.fc2`` of a ViT (timm's ``blocks.*``); otherwise every ``nn.Linear`` and ungrouped
+    ``nn.Conv2d`` except the classifier head (:func:`find_head`)."""
+    from .backbones import CifarResNet
+
+    if isinstance(model, CifarResNet) or isinstance(getattr(model, "backbone", None), CifarResNet):
+        return r"(.*\.)?layer\d\.\d+\.conv[12]"
+    names = {n for n, _ in model.named_modules()}
+    if any(n.endswith("blocks.0.attn.qkv") for n in names):
+        return ["attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"]
+    head = find_head(model)
+    head_name = head[0] if head is not None else None
+
+    def pred(name: str, module: nn.Module) -> bool:
+        if name == head_name:
+            return False
+        return isinstance(module, nn.Linear) or (isinstance(module, nn.Conv2d) and module.groups == 1)
+
+    return pred
 
 
 def matches(name: str, module: nn.Module, pattern: Target | None) -> bool:
@@ -91,8 +114,8 @@ def add_lora(
     ``requires_grad=False`` (the wrapped base weights, and the rest of the backbone).
 
     :param model: the model to adapt (modified in place).
-    :param target_modules: regex (full match on the dotted name), list of names / ``.suffix`` es, or a predicate
-        ``f(name, module) -> bool``.
+    :param target_modules: regex (full match on the dotted name), list of names / ``.suffix`` es, a predicate
+        ``f(name, module) -> bool``, or ``"auto"`` (:func:`auto_targets`).
     :param r: LoRA rank.
     :param alpha: LoRA alpha; ``None`` means ``alpha = r`` (scale 1).
     :param dropout: dropout on the adapters' input.
@@ -110,6 +133,8 @@ def add_lora(
     """
     if conv_mode not in CONV_MODES:
         raise ValueError(f"Unknown conv_mode {conv_mode!r}; choose one of {', '.join(CONV_MODES)}.")
+    if isinstance(target_modules, str) and target_modules == "auto":
+        target_modules = auto_targets(model)
     if trainable_modules == "auto":
         head = find_head(model)
         trainable_modules = [head[0]] if head is not None else None

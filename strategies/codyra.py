@@ -85,7 +85,7 @@ class CoDyRAPlugin(ClassMaskMixin, AdapterPluginMixin, SupervisedPlugin, support
     def __init__(
         self,
         *,
-        target_modules: Optional[Target] = None,
+        target_modules: Optional[Target] = "auto",
         r: int = 16,
         alpha: Optional[float] = None,
         dropout: float = 0.0,
@@ -190,7 +190,7 @@ class CoDyRA(MethodStrategy):
         *,
         model: nn.Module,
         optimizer: Optional[torch.optim.Optimizer] = None,
-        target_modules: Optional[Target] = None,
+        target_modules: Optional[Target] = "auto",
         r: int = 16,
         alpha: Optional[float] = None,
         dropout: float = 0.0,

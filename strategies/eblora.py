@@ -91,7 +91,7 @@ class EBLoRAPlugin(AdapterPluginMixin, SupervisedPlugin, supports_distributed=Tr
     def __init__(
         self,
         *,
-        target_modules: Optional[Target] = None,
+        target_modules: Optional[Target] = "auto",
         r: int = 16,
         alpha: Optional[float] = None,
         exclude_modules: Optional[Target] = None,
@@ -287,7 +287,7 @@ class EBLoRA(MethodStrategy):
         *,
         model: nn.Module,
         optimizer: Optional[torch.optim.Optimizer] = None,
-        target_modules: Optional[Target] = None,
+        target_modules: Optional[Target] = "auto",
         r: int = 16,
         alpha: Optional[float] = None,
         exclude_modules: Optional[Target] = None,

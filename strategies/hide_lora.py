@@ -143,7 +143,7 @@ class HiDeLoRAPlugin(ClassMaskMixin, AdapterPluginMixin, SupervisedPlugin, suppo
     def __init__(
         self,
         *,
-        target_modules: Optional[Target] = None,
+        target_modules: Optional[Target] = "auto",
         r: int = 8,
         alpha: Optional[float] = 1.0,
         dropout: float = 0.0,
@@ -457,7 +457,7 @@ class HiDeLoRA(MethodStrategy):
         *,
         model: nn.Module,
         optimizer: Optional[torch.optim.Optimizer] = None,
-        target_modules: Optional[Target] = None,
+        target_modules: Optional[Target] = "auto",
         r: int = 8,
         alpha: Optional[float] = 1.0,
         dropout: float = 0.0,

@@ -15,7 +15,7 @@ from avalanche.core import SupervisedPlugin
 from avalanche.models import avalanche_forward
 from torch import nn
 
-from models.inject import Target, count_parameters, matches
+from models.inject import Target, auto_targets, count_parameters, matches
 from models.sum_lora import SumLoRAConv2d, SumLoRALinear, SumLoRAMixin
 
 from .base import AdapterPluginMixin, ClassMaskMixin, MethodStrategy, experience_loader, unwrap
@@ -128,7 +128,7 @@ class InfLoRAPlugin(ClassMaskMixin, AdapterPluginMixin, SupervisedPlugin, suppor
     def __init__(
         self,
         *,
-        target_modules: Optional[Target] = None,
+        target_modules: Optional[Target] = "auto",
         r: int = 10,
         alpha: Optional[float] = None,
         exclude_modules: Optional[Target] = None,
@@ -162,6 +162,8 @@ class InfLoRAPlugin(ClassMaskMixin, AdapterPluginMixin, SupervisedPlugin, suppor
         model = unwrap(model)
         if not self._named_layers(model):  # check the convs before injecting anything
             target, exclude = self.lora_kwargs["target_modules"], self.lora_kwargs["exclude_modules"]
+            if isinstance(target, str) and target == "auto":
+                target = auto_targets(model)
             for name, conv in model.named_modules():
                 if (isinstance(conv, nn.Conv2d) and target is not None and matches(name, conv, target)
                         and not (exclude is not None and matches(name, conv, exclude))
@@ -281,7 +283,7 @@ class InfLoRA(MethodStrategy):
         *,
         model: nn.Module,
         optimizer: Optional[torch.optim.Optimizer] = None,
-        target_modules: Optional[Target] = None,
+        target_modules: Optional[Target] = "auto",
         r: int = 10,
         alpha: Optional[float] = None,
         exclude_modules: Optional[Target] = None,

@@ -63,7 +63,7 @@ class MergeLoRAPlugin(AdapterPluginMixin, SupervisedPlugin, supports_distributed
     def __init__(
         self,
         *,
-        target_modules: Optional[Target] = None,
+        target_modules: Optional[Target] = "auto",
         r: int = 8,
         alpha: Optional[float] = None,
         dropout: float = 0.1,
@@ -136,7 +136,7 @@ class MergeLoRA(MethodStrategy):
         *,
         model: nn.Module,
         optimizer: Optional[torch.optim.Optimizer] = None,
-        target_modules: Optional[Target] = None,
+        target_modules: Optional[Target] = "auto",
         r: int = 8,
         alpha: Optional[float] = None,
         dropout: float = 0.1,

@@ -70,7 +70,7 @@ class OLoRAPlugin(ClassMaskMixin, AdapterPluginMixin, SupervisedPlugin, supports
     def __init__(
         self,
         *,
-        target_modules: Optional[Target] = None,
+        target_modules: Optional[Target] = "auto",
         r: int = 8,
         alpha: Optional[float] = 32.0,
         dropout: float = 0.1,
@@ -148,7 +148,7 @@ class OLoRA(MethodStrategy):
         *,
         model: nn.Module,
         optimizer: Optional[torch.optim.Optimizer] = None,
-        target_modules: Optional[Target] = None,
+        target_modules: Optional[Target] = "auto",
         r: int = 8,
         alpha: Optional[float] = 32.0,
         dropout: float = 0.1,

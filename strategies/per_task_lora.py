@@ -50,7 +50,7 @@ class PerTaskLoRAPlugin(AdapterPluginMixin, SupervisedPlugin, supports_distribut
     def __init__(
         self,
         *,
-        target_modules: Optional[Target] = None,
+        target_modules: Optional[Target] = "auto",
         r: int = 8,
         alpha: Optional[float] = None,
         dropout: float = 0.0,
@@ -222,7 +222,7 @@ class PerTaskLoRA(MethodStrategy):
         *,
         model: nn.Module,
         optimizer: Optional[torch.optim.Optimizer] = None,
-        target_modules: Optional[Target] = None,
+        target_modules: Optional[Target] = "auto",
         r: int = 8,
         alpha: Optional[float] = None,
         dropout: float = 0.0,

@@ -60,7 +60,7 @@ class SDLoRAPlugin(ClassMaskMixin, AdapterPluginMixin, SupervisedPlugin, support
     def __init__(
         self,
         *,
-        target_modules: Optional[Target] = None,
+        target_modules: Optional[Target] = "auto",
         r: int = 10,
         alpha: Optional[float] = None,
         dropout: float = 0.0,
@@ -174,7 +174,7 @@ class SDLoRA(MethodStrategy):
         *,
         model: nn.Module,
         optimizer: Optional[torch.optim.Optimizer] = None,
-        target_modules: Optional[Target] = None,
+        target_modules: Optional[Target] = "auto",
         r: int = 10,
         alpha: Optional[float] = None,
         dropout: float = 0.0,
