@@ -609,6 +609,8 @@ def run(cfg: dict) -> dict:
                 results["rank_history"] = plugin.rank_history
             if hasattr(plugin, "subspace_history"):
                 results["subspace_history"] = plugin.subspace_history
+            if getattr(plugin, "degraded", None):
+                results["rank_degraded"] = plugin.degraded
             if hasattr(plugin, "orth_history"):
                 results["orth_loss_history"] = plugin.orth_history
             if distributed:

@@ -48,6 +48,7 @@ class StiefelLoRAMixin:
     """Orthonormal factors, a learnable magnitude and a protected input subspace for a LoRA layer."""
 
     def _init_stiefel(self) -> None:
+        self.active_r = self.r  # columns of U, V in use; fewer when F leaves fewer free input directions
         self.lora_scale = nn.Parameter(torch.zeros((), device=self.lora_A.device, dtype=self.lora_A.dtype))
         self.register_buffer("subspace", torch.zeros(self.fan_in, 0, device=self.lora_A.device,
                                                      dtype=self.lora_A.dtype))
@@ -83,17 +84,17 @@ class StiefelLoRAMixin:
 
     @torch.no_grad()
     def reset_lora_parameters(self) -> None:
-        """Random orthonormal U, V (V ⟂ F) and s = 0, so ΔW = 0."""
+        """Random orthonormal U, V (V ⟂ F) and s = 0, so ΔW = 0. When F leaves fewer than r free input directions
+        only ``active_r = free_dim()`` columns are used (the others are zero)."""
         if not hasattr(self, "subspace"):  # called by LoRALayer.__init__ before the factors are set up
             return
-        if self.r > self.free_dim():
-            raise ValueError(
-                f"EBLoRA rank r={self.r} is larger than the free dimension {self.free_dim()} left by the protected "
-                f"subspace F ({self.subspace.shape[1]} of {self.fan_in} input directions); lower r or the energy "
-                "threshold."
-            )
-        self.set_factors(orthonormal_complement_basis(self.fan_out, self.r, like=self.lora_B),
-                         orthonormal_complement_basis(self.fan_in, self.r, self.subspace, like=self.lora_A))
+        k = self.active_r = min(self.r, self.free_dim())
+        U = torch.zeros(self.fan_out, self.r, dtype=self.lora_B.dtype, device=self.lora_B.device)
+        V = torch.zeros(self.fan_in, self.r, dtype=self.lora_A.dtype, device=self.lora_A.device)
+        if k:
+            U[:, :k] = orthonormal_complement_basis(self.fan_out, k, like=self.lora_B)
+            V[:, :k] = orthonormal_complement_basis(self.fan_in, k, self.subspace, like=self.lora_A)
+        self.set_factors(U, V)
         self.lora_scale.zero_()
         self.merged = False
 

@@ -7,6 +7,7 @@ arXiv:2602.00722; official code haodotgu/EBLoRA.
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Optional
 
 import torch
@@ -85,7 +86,7 @@ class EBLoRAPlugin(AdapterPluginMixin, SupervisedPlugin, supports_distributed=Tr
         ``None`` turns it off.
     """
 
-    _state_attrs = ("adapted_modules", "subspace_history")
+    _state_attrs = ("adapted_modules", "subspace_history", "degraded")
     _layer_type, _layer_desc = StiefelLoRAMixin, "Stiefel LoRA"
 
     def __init__(
@@ -117,6 +118,7 @@ class EBLoRAPlugin(AdapterPluginMixin, SupervisedPlugin, supports_distributed=Tr
         self.alpha0, self.beta0, self.grad_scaling, self.seed = alpha0, beta0, grad_scaling, seed
         self.adapted_modules: list[str] = []
         self.subspace_history: list[dict[str, int]] = []
+        self.degraded: dict[int, dict[str, int]] = {}  # experience -> {layer: rank used} where F left < r
         self._old: list = []
 
     def _layers(self, model) -> list[StiefelLoRAMixin]:
@@ -160,25 +162,29 @@ class EBLoRAPlugin(AdapterPluginMixin, SupervisedPlugin, supports_distributed=Tr
         grads = self.mean_gradients(strategy)
         L = len(layers)
         for depth, (layer, G) in enumerate(zip(layers, grads)):
-            if layer.r > layer.free_dim():
-                raise ValueError(
-                    f"EBLoRA rank r={layer.r} is larger than the free dimension {layer.free_dim()} left by the "
-                    f"protected subspace of {self.adapted_modules[depth]} ({layer.subspace.shape[1]} of {layer.fan_in} "
-                    "input directions); lower r or energy_threshold."
-                )
+            k = layer.active_r = min(layer.r, layer.free_dim())
+            if k < layer.r:  # degrade rather than stop: this layer's update has fewer directions
+                warnings.warn(
+                    f"EBLoRA: {self.adapted_modules[depth]} has {layer.free_dim()} free input directions left by "
+                    f"its protected subspace ({layer.subspace.shape[1]} of {layer.fan_in}); rank {k} instead of "
+                    f"{layer.r} for this experience (lower energy_threshold to keep more).", stacklevel=2)
+                self.degraded.setdefault(strategy.experience.current_experience, {})[
+                    self.adapted_modules[depth]] = k
             F = layer.subspace
             Gt = G.T.to(torch.float64)
             if F.numel():
                 F64 = F.to(torch.float64)
                 Gt = Gt - F64 @ (F64.T @ Gt)
-            if float(Gt.abs().max()) == 0.0:  # no signal here: keep a random orthonormal start
+            if k == 0 or float(Gt.abs().max()) == 0.0:  # no room or no signal: a random orthonormal start
                 layer.reset_lora_parameters()
             else:
-                P, _, Q = torch.svd_lowrank(Gt, q=layer.r, niter=4)
+                P, _, Q = torch.svd_lowrank(Gt, q=k, niter=4)
                 if F.numel():  # exact orthogonality to F, then orthonormal again
                     P = P - F64 @ (F64.T @ P)
                 P, _ = torch.linalg.qr(P)
-                layer.set_factors(polar(Q).to(layer.lora_B.dtype), P.to(layer.lora_A.dtype))
+                pad = layer.r - k
+                layer.set_factors(nn.functional.pad(polar(Q), (0, pad)).to(layer.lora_B.dtype),
+                                  nn.functional.pad(P, (0, pad)).to(layer.lora_A.dtype))
             layer.lora_scale.fill_(-(self.alpha0 + self.beta0 * depth / max(L - 1, 1)))
             layer.merged = False
             for p in layer.adapter_parameters():
@@ -243,6 +249,9 @@ class EBLoRAPlugin(AdapterPluginMixin, SupervisedPlugin, supports_distributed=Tr
                 M -= F @ (F.mT @ M)
             V = polar(M)
             for m, u, v in zip(ms, U, V):
+                if m.active_r < m.r:  # columns out of use stay zero (the polar factor completes them arbitrarily)
+                    u[:, m.active_r:] = 0
+                    v[:, m.active_r:] = 0
                 m.set_factors(u, v)
         self._old = []
 

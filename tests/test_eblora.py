@@ -86,13 +86,45 @@ def test_grow_subspace_energy():
     assert _eye_err(F2) < 1e-5
 
 
-def test_rank_larger_than_free_dimension_is_refused():
+def test_rank_larger_than_free_dimension_degrades_to_the_free_dimension():
     layer = StiefelLoRALinear(nn.Linear(6, 8), r=2)
-    layer.subspace = torch.linalg.qr(torch.randn(6, 5))[0]
-    with pytest.raises(ValueError, match="larger than the free dimension 1"):
-        layer.reset_lora_parameters()
+    F = torch.linalg.qr(torch.randn(6, 5))[0]
+    layer.subspace = F
+    layer.reset_lora_parameters()
+    assert layer.active_r == 1
+    U, V = layer.U(), layer.V()
+    assert torch.count_nonzero(U[:, 1]) == 0 and torch.count_nonzero(V[:, 1]) == 0
+    assert float(V[:, 0].norm()) == pytest.approx(1, abs=1e-5) and float((F.T @ V[:, 0]).abs().max()) < 1e-5
     with pytest.raises(ValueError, match="kxk_1x1"):
         StiefelLoRAConv2d(nn.Conv2d(4, 4, 3), r=2, conv_mode="loralib")
+
+
+def test_narrow_1x1_conv_runs_out_of_free_directions_without_stopping(tiny_bm):
+    """A 1x1 conv with 3 input channels cannot keep rank 2 once F holds 2 directions (pytorchcv's resnet20_cifar10
+    downsample convs stopped a run at experience 4): the layer continues at the rank it has room for."""
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.mix = nn.Conv2d(3, 8, 1)
+            self.conv = nn.Conv2d(8, 8, 3, padding=1)
+            self.head = nn.Linear(8, 10)
+
+        def forward(self, x):
+            return self.head(self.conv(torch.relu(self.mix(x))).mean((2, 3)))
+
+    torch.manual_seed(0)
+    model = Net()
+    s = EBLoRA(model=model, target_modules=["mix", "conv"], r=2, energy_threshold=0.9999, train_mb_size=8,
+               evaluator=EvaluationPlugin(loggers=[]))
+    with pytest.warns(UserWarning, match="free input directions"):
+        for exp in tiny_bm.train_stream:
+            s.train(exp)
+        s.train(tiny_bm.train_stream[0])  # a third task on the narrow layer
+    plugin = s.method_plugin
+    assert any("mix" in d for d in plugin.degraded.values()), plugin.subspace_history
+    layer = plugin._layers(model)[0]
+    k = layer.active_r
+    assert k < 2 and torch.count_nonzero(layer.V()[:, k:]) == 0
 
 
 def test_subspace_saved_and_restored():
