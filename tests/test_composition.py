@@ -266,3 +266,23 @@ def test_inflora_decomposition_survives_an_ill_conditioned_covariance(monkeypatc
     torch.testing.assert_close(E2, S ** 2)
     torch.testing.assert_close((U2[:, :3].T @ Us[:, :3]).abs(), torch.eye(3, dtype=torch.float64), atol=1e-6,
                                rtol=0)
+
+
+def test_pretrained_batchnorm_in_train_mode_is_warned_once(resnet32_weights):
+    from models import cifar_resnet
+    from strategies import FreezeBatchNormPlugin
+
+    bm = _bm()
+    model = cifar_resnet(32, 4, weights=str(resnet32_weights))
+    s = Naive(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.01), train_mb_size=16,
+              plugins=[_plugin("merge_lora")], evaluator=_quiet())
+    with pytest.warns(UserWarning, match="FreezeBatchNormPlugin"):
+        s.train(bm.train_stream[0])
+    model = cifar_resnet(32, 4, weights=str(resnet32_weights))
+    s = Naive(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.01), train_mb_size=16,
+              plugins=[_plugin("merge_lora"), FreezeBatchNormPlugin()], evaluator=_quiet())
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*FreezeBatchNormPlugin.*")
+        s.train(bm.train_stream[0])
