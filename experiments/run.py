@@ -212,6 +212,50 @@ def resolve_method(cfg: dict) -> tuple:
     return cls, kwargs, recipe
 
 
+# option: (kind, low, high, inclusive high); None values mean "unset" and are not checked
+_RANGES = dict(
+    epochs=("int", 1, None), batch_size=("int", 1, None), eval_batch_size=("int", 1, None),
+    n_experiences=("int", 1, None), image_size=("int", 1, None), threads=("int", 1, None),
+    num_workers=("int", 0, None), subset=("int", 1, None), eval_subset=("int", 1, None),
+    retention_subset=("int", 1, None), seed=("int", 0, None), r=("int", 1, None), alpha=("pos", 0, None),
+    dropout=("frac", 0, 1), lr=("pos", 0, None), momentum=("float", 0, None), weight_decay=("float", 0, None),
+    warmup=("frac", 0, 1),
+)
+
+
+def _check_ranges(cfg: dict) -> None:
+    """Every numeric option in its range, and the module patterns and output path usable, before any work."""
+    for key, (kind, low, high) in _RANGES.items():
+        v = cfg.get(key)
+        if v is None:
+            continue
+        flag = "--" + key.replace("_", "-")
+        if kind == "int" and (not isinstance(v, int) or isinstance(v, bool) or v < low):
+            raise ValueError(f"{flag} must be an integer >= {low}, got {v!r}.")
+        if kind != "int" and (not isinstance(v, (int, float)) or isinstance(v, bool)):
+            raise ValueError(f"{flag} must be a number, got {v!r}.")
+        if kind == "pos" and not v > low:
+            raise ValueError(f"{flag} must be > {low}, got {v!r}.")
+        if kind == "float" and v < low:
+            raise ValueError(f"{flag} must be >= {low}, got {v!r}.")
+        if kind == "frac" and not low <= v < high:
+            raise ValueError(f"{flag} must be in [{low}, {high}), got {v!r}.")
+    betas = cfg.get("betas")
+    if betas is not None and (len(betas) != 2 or not all(0 <= b < 1 for b in betas)):
+        raise ValueError(f"--betas must be two numbers in [0, 1), e.g. 0.9,0.999; got {betas!r}.")
+    for key in ("target_modules", "exclude_modules"):
+        spec = cfg.get(key)
+        if isinstance(spec, str) and spec != "auto" and "," not in spec:
+            try:
+                re.compile(spec)
+            except re.error as e:
+                raise ValueError(f"--{key.replace('_', '-')} {spec!r} is not a valid regular expression ({e}); give "
+                                 "a regex (full match on the module name), comma-separated name suffixes or 'auto'.")
+    out = cfg.get("out")
+    if out is not None and Path(out).exists() and not Path(out).is_dir():
+        raise ValueError(f"--out {out} is an existing file; give a directory for the run's outputs.")
+
+
 def parse_config(argv=None) -> dict:
     """Defaults, then the YAML file, then command-line flags; method and training options left unset take the
     method's defaults (written back into the returned config). Raises ``ValueError`` on unknown or bad values."""
@@ -247,9 +291,7 @@ def parse_config(argv=None) -> dict:
                          "give --backbone-weights too.")
     if cfg["benchmark"] == "arrays" and not cfg["data"]:
         raise ValueError("--benchmark arrays needs --data <file.npz>.")
-    for key in ("epochs", "batch_size", "eval_batch_size", "n_experiences"):
-        if not isinstance(cfg[key], int) or cfg[key] < 1:
-            raise ValueError(f"{key} must be a positive integer, got {cfg[key]!r}.")
+    _check_ranges(cfg)
     _, kwargs, recipe = resolve_method(cfg)
     for k, v in kwargs.items():  # the run's config says what ran
         if k in cfg:
@@ -764,12 +806,25 @@ def _print_summary(res: dict) -> None:
 
 
 def main(argv=None) -> int:
+    import shlex
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    cfg = None
     try:
         cfg = parse_config(argv)
         res = run(cfg)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        if cfg is None:
+            print("interrupted.", file=sys.stderr)
+            return 130
+        again = argv + ([] if "--resume" in argv else ["--resume"])
+        again += [] if any(a == "--out" or a.startswith("--out=") for a in argv) else ["--out", cfg["out"]]
+        print(f"interrupted: the finished experiences are in {cfg['out']}/results.json; continue with: "
+              f"python -m experiments.run {shlex.join(again)}", file=sys.stderr)
+        return 130
     except FloatingPointError as e:
         print(f"error: {e} Results of the finished experiences are in {cfg['out']}/results.json.", file=sys.stderr)
         return 3

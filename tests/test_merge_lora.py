@@ -1,6 +1,7 @@
 """MergeLoRA in Avalanche: adapters really train in every experience, merge exactly, restart fresh; BN freezing."""
 
 import copy
+import re
 
 import pytest
 import torch
@@ -79,9 +80,15 @@ def test_adapter_optimizer_state_is_cleared_for_each_experience(tiny_bm):
 
 def test_strategy_without_targets_or_adapters_errors(tiny_bm):
     model = cifar_resnet(20, 10)
-    strategy = MergeLoRA(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), evaluator=_quiet())
+    strategy = MergeLoRA(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), target_modules=None,
+                         evaluator=_quiet())
     with pytest.raises(ValueError, match="no LoRA layers and no target_modules"):
         strategy.train(tiny_bm.train_stream[0])
+    # the default, "auto": every 3x3 conv of the stages (3 stages x 3 blocks x 2), never the stem or the head
+    model = cifar_resnet(20, 10)
+    MergeLoRA(model=model, evaluator=_quiet()).method_plugin.prepare(model)
+    names = [n for n, _ in lora_layers(model)]
+    assert len(names) == 18 and all(re.fullmatch(r"layer\d\.\d\.conv[12]", n) for n in names)
 
 
 @pytest.mark.parametrize("freeze", [True, False])
