@@ -23,7 +23,7 @@ __all__ = ["save_checkpoint", "load_checkpoint", "signature", "restore_optimizer
 FORMAT = 1
 # what may differ between a run and its continuation (everything else in the config must be equal)
 NON_SIGNATURE_KEYS = ("out", "progress", "resume", "threads", "num_workers", "device", "eval_batch_size", "config",
-                      "retention_data", "retention_subset", "dataset_root")
+                      "wandb", "retention_data", "retention_subset", "dataset_root")
 
 
 def signature(cfg: dict) -> dict:

@@ -61,6 +61,8 @@ DEFAULTS = dict(
     backbone="cifar_resnet32",
     backbone_weights=None,
     keep_head=False,
+    normalization=None,  # None: what the weights expect (else the data's own statistics)
+    tf_same_padding=False,
     method="merge_lora",
     target_modules="auto",
     per_task_bn=False,
@@ -78,6 +80,7 @@ DEFAULTS = dict(
     resume=False,
     retention_data=None,
     retention_subset=None,
+    wandb=None,
     **{k: None for k in TRAINING_OPTIONS},
     **{k: None for k in _METHOD_OPTIONS if k not in ("target_modules", "per_task_bn") + _DERIVED},
 )
@@ -128,9 +131,15 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--eval-subset", type=int, help="test images per experience (quick runs)")
     g.add_argument("--image-size", type=int, help="resize images (e.g. 224 for ImageNet backbones)")
     g = p.add_argument_group("model")
-    g.add_argument("--backbone", help="cifar_resnet20|32|44|56, vit_cifar, timm:<name>, torchvision:<name>")
+    g.add_argument("--backbone", help="cifar_resnet20|32|44|56, vit_cifar, timm:<name>, torchvision:<name>, "
+                                      "pytorchcv:<name>")
     g.add_argument("--backbone-weights", help="checkpoint file, or 'pretrained' (the library's weights; downloads)")
     g.add_argument("--keep-head", action="store_true", help="keep a pretrained head of the right size (class-IL)")
+    g.add_argument("--normalization", help="input normalisation: imagenet, cifar10, half ((x-0.5)/0.5), MEAN,STD or "
+                                           "M1,M2,M3,S1,S2,S3 (default: what the weights expect, else the data's)")
+    g.add_argument("--tf-same-padding", action="store_true",
+                   help="TensorFlow 'SAME' padding on stride-2 convs, for weights trained in TF (e.g. the shared "
+                        "MobileNetV2)")
     g.add_argument("--bn", choices=_CHOICES["bn"],
                    help="BatchNorm while training: frozen (eval mode, fixed) or train; auto = frozen with weights")
     g = p.add_argument_group("method (LoRA options: each method's own default when unset)")
@@ -182,6 +191,8 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--retention-data", help="arrays .npz of the pretraining task: accuracy on its test split through "
                                             "the backbone's original head after every experience (needs weights)")
     g.add_argument("--retention-subset", type=int, help="use this many retention test images (balanced)")
+    g.add_argument("--wandb", metavar="PROJECT", help="also log to Weights & Biases (Avalanche's WandBLogger; "
+                                                      "WANDB_MODE=offline works without the internet)")
     g.add_argument("--resume", action="store_true",
                    help="continue from <out>/checkpoint.pt (written after every experience) with the same options")
     return p
@@ -292,6 +303,9 @@ def parse_config(argv=None) -> dict:
     if cfg["benchmark"] == "arrays" and not cfg["data"]:
         raise ValueError("--benchmark arrays needs --data <file.npz>.")
     _check_ranges(cfg)
+    from models import parse_normalization
+
+    parse_normalization(cfg["normalization"])  # a bad value fails now
     _, kwargs, recipe = resolve_method(cfg)
     for k, v in kwargs.items():  # the run's config says what ran
         if k in cfg:
@@ -345,6 +359,7 @@ def build_model(cfg: dict, n_classes: int, classes_per_exp: int, *, return_pretr
 
     w = cfg["backbone_weights"]
     backbone = build_backbone(cfg["backbone"], n_classes, weights=None if w == "pretrained" else w,
+                              tf_same_padding=cfg.get("tf_same_padding", False),
                               pretrained=w == "pretrained", keep_pretrained_head=return_pretrained_head)
     pretrained_head = None
     if return_pretrained_head and w is not None:
@@ -476,7 +491,7 @@ def run(cfg: dict) -> dict:
     from avalanche.logging import CSVLogger, InteractiveLogger, TensorboardLogger, TextLogger
     from avalanche.training.plugins import EvaluationPlugin
 
-    from models import count_parameters, default_normalization, lora_layers
+    from models import count_parameters, default_normalization, lora_layers, parse_normalization
     from strategies import unwrap
 
     from .checkpoint import load_checkpoint, save_checkpoint
@@ -505,7 +520,8 @@ def run(cfg: dict) -> dict:
 
     # the benchmark first (it needs only the config); pretrained weights may ask for their own normalisation
     pretrained = cfg["backbone_weights"] is not None
-    bm = build_benchmark(cfg, default_normalization(cfg["backbone"], pretrained))
+    bm = build_benchmark(cfg, parse_normalization(cfg["normalization"])
+                         or default_normalization(cfg["backbone"], pretrained))
     n_classes = bm.n_total_classes
     classes_per_exp = n_classes // cfg["n_experiences"]
     T = len(bm.train_stream)
@@ -527,6 +543,26 @@ def run(cfg: dict) -> dict:
         loggers = [TextLogger(log_file), csv_logger, TensorboardLogger(str(out / "tb"))]
         if cfg["progress"]:
             loggers.insert(0, InteractiveLogger())
+        if cfg["wandb"]:
+            from avalanche.logging import WandBLogger
+
+            import hashlib
+
+            # one W&B run per output directory, continued by --resume (also avoids Avalanche 0.6's call of
+            # wandb.util.generate_id, which recent wandb releases dropped)
+            run_id = hashlib.sha1(str(out.resolve()).encode()).hexdigest()[:12]
+            class _WandBLogger(WandBLogger):  # Avalanche 0.6 reads wandb.viz.CustomChart, gone from current wandb
+                def import_wandb(self):
+                    super().import_wandb()
+                    if not hasattr(self.wandb, "viz"):
+                        import types
+
+                        chart = getattr(getattr(self.wandb, "plot", None), "CustomChart", None)
+                        self.wandb.viz = types.SimpleNamespace(CustomChart=chart or type("CustomChart", (), {}))
+
+            loggers.append(_WandBLogger(project_name=cfg["wandb"], run_name=out.name, dir=str(out),
+                                       config={k: v for k, v in cfg.items() if not isinstance(v, (list, dict))},
+                                       params=dict(id=run_id, resume="allow")))
     ours = dict(growth=ParameterGrowthPluginMetric(), curve=AccuracyCurvePluginMetric(),
                 ranks=RankUsagePluginMetric(), spectra=SpectralEnergyPluginMetric(),
                 tii=TaskInferenceAccuracyPluginMetric())
@@ -688,12 +724,13 @@ def evaluate_checkpoint(cfg: dict) -> list:
     from avalanche.evaluation.metrics import accuracy_metrics
     from avalanche.training.plugins import EvaluationPlugin
 
-    from models import default_normalization
+    from models import default_normalization, parse_normalization
 
     from .checkpoint import load_checkpoint
 
     ckpt = load_checkpoint(Path(cfg["out"]) / "checkpoint.pt", cfg)
-    bm = build_benchmark(cfg, default_normalization(cfg["backbone"], cfg["backbone_weights"] is not None))
+    bm = build_benchmark(cfg, parse_normalization(cfg["normalization"])
+                         or default_normalization(cfg["backbone"], cfg["backbone_weights"] is not None))
     model = build_model(cfg, bm.n_total_classes, bm.n_total_classes // cfg["n_experiences"])
     strategy = build_strategy(cfg, model, dict(
         criterion=torch.nn.CrossEntropyLoss(), train_mb_size=cfg["batch_size"], eval_mb_size=cfg["eval_batch_size"],

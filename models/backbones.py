@@ -27,11 +27,74 @@ __all__ = [
     "IMAGENET_NORMALIZATION",
     "WEIGHTS_ENV",
     "default_normalization",
+    "NORMALIZATIONS",
+    "parse_normalization",
+    "SamePad2d",
+    "apply_tf_same_padding",
 ]
 
 WEIGHTS_ENV = "LOWRANK_CL_WEIGHTS"
 IMAGENET_NORMALIZATION = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 BACKBONE_NAMES = ("cifar_resnet20", "cifar_resnet32", "cifar_resnet44", "cifar_resnet56", "vit_cifar")
+NORMALIZATIONS = {
+    "imagenet": IMAGENET_NORMALIZATION,
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "half": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),  # (x - 0.5) / 0.5, e.g. TF-Slim / TFLite weights
+}
+
+
+def parse_normalization(spec) -> tuple[tuple, tuple] | None:
+    """``imagenet``, ``cifar10``, ``half``, ``"MEAN,STD"`` (one value for every channel) or ``"m1,m2,m3,s1,s2,s3"``
+    as ``(mean, std)``; ``None`` stays ``None`` (the weights' own, see :func:`default_normalization`)."""
+    if spec is None:
+        return None
+    if isinstance(spec, (list, tuple)) and len(spec) == 2:
+        return tuple(map(float, spec[0])), tuple(map(float, spec[1]))
+    if spec in NORMALIZATIONS:
+        return NORMALIZATIONS[spec]
+    try:
+        values = [float(v) for v in str(spec).split(",")]
+    except ValueError:
+        values = []
+    if len(values) == 2:
+        values = [values[0]] * 3 + [values[1]] * 3
+    if len(values) != 6 or any(s <= 0 for s in values[3:]):
+        raise ValueError(f"Unknown normalization {spec!r}; give {', '.join(NORMALIZATIONS)}, MEAN,STD or "
+                         "M1,M2,M3,S1,S2,S3 (stds > 0).")
+    return tuple(values[:3]), tuple(values[3:])
+
+
+class SamePad2d(nn.Module):
+    """TensorFlow's "SAME" padding for a following conv of ``kernel_size`` and ``stride``: the total padding
+    ``max((ceil(n / s) - 1) · s + k - n, 0)`` split with the extra pixel at the bottom / right (torch pads
+    symmetrically, which shifts the function of weights trained in TF by a pixel)."""
+
+    def __init__(self, kernel_size, stride, dilation=(1, 1)):
+        super().__init__()
+        self.k = [(k - 1) * d + 1 for k, d in zip(kernel_size, dilation)]
+        self.s = list(stride)
+
+    def forward(self, x):
+        ih, iw = x.shape[-2:]
+        ph = max((-(-ih // self.s[0]) - 1) * self.s[0] + self.k[0] - ih, 0)
+        pw = max((-(-iw // self.s[1]) - 1) * self.s[1] + self.k[1] - iw, 0)
+        return nn.functional.pad(x, (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2))
+
+
+def apply_tf_same_padding(model: nn.Module) -> nn.Module:
+    """Give every stride-2 ``nn.Conv2d`` TF "SAME" padding, in place: each becomes ``Sequential(SamePad2d,
+    conv with padding 0)``, so LoRA layers wrapping the conv keep computing the right function (a forward hook on
+    the conv would be skipped by adapters that run their own convolution). For weights trained in TensorFlow, such
+    as the TF-Slim MobileNetV2 of ``$LOWRANK_CL_WEIGHTS/mobilenet_v2`` (its README: linear probe 57 % stock, 62 %
+    with TF padding at 64 px). Apply after loading weights (the conv's name gets a ``.1``)."""
+    from .inject import _set_submodule
+
+    convs = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d) and max(m.stride) > 1]
+    for name, conv in convs:
+        pad = SamePad2d(conv.kernel_size, conv.stride, conv.dilation)
+        conv.padding = (0, 0)
+        _set_submodule(model, name, nn.Sequential(pad, conv))
+    return model
 
 # akamaster/pytorch_resnet_cifar10: file names carry the first 8 hex digits of the file's sha256
 _CIFAR_RESNET_FILES = {
@@ -245,11 +308,13 @@ def build_backbone(
     weights: str | os.PathLike | None = None,
     pretrained: bool = False,
     keep_pretrained_head: bool = False,
+    tf_same_padding: bool = False,
     **kwargs,
 ) -> nn.Module:
     """Build a backbone by name.
 
-    :param name: ``cifar_resnet20|32|44|56``, ``vit_cifar``, ``timm:<model>`` or ``torchvision:<model>``.
+    :param name: ``cifar_resnet20|32|44|56``, ``vit_cifar``, ``timm:<model>``, ``torchvision:<model>`` or
+        ``pytorchcv:<model>`` (the zoo of Avalanche's ``pytorchcv_wrapper``; a 1×1-conv output head becomes a Linear).
     :param num_classes: classes of the head.
     :param weights: a checkpoint file to load strictly (head replaced when its class count differs).
     :param pretrained: the library's own pretrained weights: akamaster's CIFAR-10 checkpoints for the CIFAR ResNets
@@ -257,6 +322,8 @@ def build_backbone(
         (downloads; needs the internet).
     :param keep_pretrained_head: with weights, keep the checkpoint's head whatever ``num_classes`` says (to
         measure the pretraining task; replace it with :func:`replace_head` afterwards).
+    :param tf_same_padding: give stride-2 convs TensorFlow's "SAME" padding (:func:`apply_tf_same_padding`), for
+        weights trained in TF.
     :param kwargs: passed to the model constructor.
     """
     if weights is not None and pretrained:
@@ -294,12 +361,37 @@ def build_backbone(
         keep = pretrained and keep_pretrained_head
         if not keep and find_head(model) is not None and find_head(model)[1].out_features != num_classes:
             replace_head(model, num_classes)
+    elif name.startswith("pytorchcv:"):
+        from pytorchcv.model_provider import _models as pytorchcv_models
+        from pytorchcv.model_provider import get_model
+
+        model_name = name[len("pytorchcv:"):]
+        if model_name not in pytorchcv_models:
+            raise ValueError(f"Unknown pytorchcv model {model_name!r} (see pytorchcv.model_provider._models).")
+        model = get_model(model_name, pretrained=pretrained, **kwargs)  # pytorchcv's own download
+        out = getattr(model, "output", None)
+        if isinstance(out, nn.Conv2d) and out.kernel_size == (1, 1):  # a 1x1-conv head: the same map as a Linear
+            lin = nn.Linear(out.in_channels, out.out_channels, bias=out.bias is not None)
+            with torch.no_grad():
+                lin.weight.copy_(out.weight.flatten(1))
+                if out.bias is not None:
+                    lin.bias.copy_(out.bias)
+            model.output = nn.Sequential(nn.Flatten(), lin)
+        pool = getattr(getattr(model, "features", None), "final_pool", None)
+        if isinstance(pool, nn.AvgPool2d):  # a fixed 7x7 pool fits 224 px only; adaptive is the same there
+            model.features.final_pool = nn.AdaptiveAvgPool2d(1)
+        keep = pretrained and keep_pretrained_head
+        if not keep and find_head(model) is not None and find_head(model)[1].out_features != num_classes:
+            replace_head(model, num_classes)
     else:
         raise ValueError(
-            f"Unknown backbone {name!r}; choose one of {', '.join(BACKBONE_NAMES)}, timm:<name>, torchvision:<name>."
+            f"Unknown backbone {name!r}; choose one of {', '.join(BACKBONE_NAMES)}, timm:<name>, torchvision:<name>, "
+            "pytorchcv:<name>."
         )
     if weights is not None:
         load_weights(model, weights, None if keep_pretrained_head else num_classes)
+    if tf_same_padding:
+        apply_tf_same_padding(model)
     return model
 
 
@@ -311,7 +403,7 @@ def default_normalization(name: str, has_weights: bool) -> tuple[tuple, tuple] |
     """
     if not has_weights:
         return None
-    if name.startswith("cifar_resnet") or name.startswith("torchvision:"):
+    if name.startswith(("cifar_resnet", "torchvision:", "pytorchcv:")):
         return IMAGENET_NORMALIZATION
     if name.startswith("timm:"):
         import timm
