@@ -21,7 +21,7 @@ def test_config_file_then_cli_override(tmp_path):
 @pytest.mark.parametrize(
     "text,match",
     [("methd: naive\n", "unknown option"), ("method: ewc\n", "Unknown method 'ewc'"),
-     ("epochs: 0\n", "epochs must be a positive"), ("benchmark: arrays\n", "needs --data"),
+     ("epochs: 0\n", "--epochs must be an integer >= 1"), ("benchmark: arrays\n", "needs --data"),
      ("task_incremental: true\neval_on: all\n", "cannot go with --task-incremental")],
 )
 def test_bad_config_values(tmp_path, text, match):
@@ -121,8 +121,8 @@ def test_vit_backbone_runs(tmp_path, capsys):
     [
         (["--backbone", "resnet9000"], "Unknown backbone"),
         (["--target-modules", "nothing_here"], "matched no nn.Linear"),
-        (["--r", "0"], "positive integer"),
-        (["--alpha", "-1"], "alpha must be a positive"),
+        (["--r", "0"], "--r must be an integer >= 1"),
+        (["--alpha", "-1"], "--alpha must be > 0"),
         (["--n-experiences", "3"], "does not split the 4 classes"),
         (["--device", "cuda:0"], "CUDA is not available"),
         (["--backbone-weights", "/no/such/file.th"], "not found"),
