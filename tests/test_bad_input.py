@@ -61,3 +61,50 @@ def test_readme_lists_every_bad_input():
     section = re.search(r"Bad input stops before any training(.*?)(\n## |\Z)", text, re.S).group(1)
     missing = [flag for flag, _, _ in CATALOGUE if f"`{flag}" not in section]
     assert not missing, f"README's bad-input list lacks {missing}"
+
+
+def _child_env():
+    import os
+
+    env = dict(os.environ, OMP_NUM_THREADS="1", OMP_WAIT_POLICY="PASSIVE", PYTHONWARNINGS="")
+    return env
+
+
+def test_cli_prints_no_third_party_import_noise():
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "experiments.run", "--help"], cwd=ROOT, env=_child_env(),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "--normalization" in proc.stdout
+    assert "QP solver" not in proc.stderr and "Warning" not in proc.stderr, proc.stderr
+
+
+@pytest.mark.slow
+def test_ctrl_c_keeps_results_and_prints_the_resume_command(tmp_path):
+    """A real SIGINT (the default handler restored in the child: background jobs start with SIGINT ignored) after
+    the first experience's checkpoint: exit 130, one line with the exact command that continues, no traceback."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    data = _data(tmp_path)
+    out = tmp_path / "run"
+    args = [sys.executable, "-m", "experiments.run", "--benchmark", "arrays", "--data", str(data),
+            "--n-experiences", "3", "--backbone", "cifar_resnet20", "--epochs", "30", "--batch-size", "4",
+            "--no-progress", "--threads", "1", "--out", str(out)]
+    proc = subprocess.Popen(args, cwd=ROOT, env=_child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    deadline = time.time() + 300
+    while not (out / "checkpoint.pt").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    assert "Traceback" not in err and "continue with: python -m experiments.run" in err
+    assert f"--out {out} --resume" in err
+    import json
+
+    res = json.loads((out / "results.json").read_text())
+    assert res["experiences_done"] >= 1 and not res["finished"]
