@@ -33,7 +33,7 @@ warnings.filterwarnings("ignore", message="no QP solver found")
 warnings.filterwarnings("ignore", message="JAXopt is no longer maintained")
 
 from strategies.recipe import LR_SCHEDULES, OPTIMIZERS, SCHEDULE_STEPS  # noqa: E402
-from strategies.registry import LORA_OPTIONS, method_options, method_registry  # noqa: E402
+from strategies.registry import method_options, method_registry  # noqa: E402
 
 REGISTRY = method_registry()
 METHODS = tuple(REGISTRY)
@@ -145,7 +145,8 @@ def _parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("method (LoRA options: each method's own default when unset)")
     g.add_argument("--method", choices=METHODS, help="default merge_lora; naive = fine-tuning of every weight")
     g.add_argument("--r", "--lora-r", dest="r", type=int,
-                   help=_method_flag_help("r", "LoRA rank") + "; under torchrun write --lora-r (torchrun reads --r as --rdzv-*)")
+                   help=_method_flag_help("r", "LoRA rank")
+                   + "; under torchrun write --lora-r (torchrun reads --r as --rdzv-*)")
     g.add_argument("--alpha", type=float, help=_method_flag_help("alpha", "LoRA alpha, scale alpha/r (None: the "
                                                                           "method's rule, e.g. 2r for merge_lora)"))
     g.add_argument("--rslora", action=argparse.BooleanOptionalAction, help="scale alpha/sqrt(r)")
@@ -618,7 +619,8 @@ def run(cfg: dict) -> dict:
             model=dict(backbone=cfg["backbone"], weights=cfg["backbone_weights"], bn=bn, device=str(device),
                        parameters_before_training=count_parameters(model), lora=lora_info),
             method=cfg["method"],
-            method_options={k: v for k, v in method_kwargs.items() if isinstance(v, (bool, int, float, str, type(None)))},
+            method_options={k: v for k, v in method_kwargs.items()
+                            if isinstance(v, (bool, int, float, str, type(None)))},
             training=dict(recipe.as_dict(cfg["batch_size"]), epochs=cfg["epochs"], batch_size=cfg["batch_size"],
                           reset_optimizer_state=not cfg["keep_optimizer_state"]),
             experiences_done=0,

@@ -330,7 +330,8 @@ class HiDeLoRAPlugin(ClassMaskMixin, AdapterPluginMixin, SupervisedPlugin, suppo
             n = self.ca_samples or 5 * strategy.train_mb_size
             steps = sum(len(self.task_classes[j]) for j in self.trained_tasks[:-1])  # the code's crct_num
             self.align_classifier(self._head(model), self.stats, n, steps, seed=self.seed + 2 * t)
-            self.align_classifier(self._head(self.shared_model), self.shared_stats, n, steps, seed=self.seed + 2 * t + 1)
+            self.align_classifier(self._head(self.shared_model), self.shared_stats, n, steps,
+                                  seed=self.seed + 2 * t + 1)
 
     @torch.no_grad()
     def extract_features(self, strategy, model: nn.Module, route: int | None = None):

@@ -26,7 +26,8 @@ def _train(backbone, tiny_bm, lambda_orth):
     model, targets = small_model(backbone)
     orth = _Orth()
     strategy = OLoRA(model=model, optimizer=torch.optim.Adam(model.parameters(), lr=1e-2), target_modules=targets,
-                     r=2, alpha=2, dropout=0.0, lambda_orth=lambda_orth, train_mb_size=4, train_epochs=3, plugins=[orth],
+                     r=2, alpha=2, dropout=0.0, lambda_orth=lambda_orth, train_mb_size=4, train_epochs=3,
+                     plugins=[orth],
                      evaluator=EvaluationPlugin(loggers=[]))
     strategy.train(tiny_bm.train_stream[0])
     layers = [m for m in model.modules() if isinstance(m, SumLoRAMixin)]

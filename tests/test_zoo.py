@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from experiments.run import main, parse_config
-from models import (NORMALIZATIONS, SamePad2d, add_lora, build_backbone, find_head, lora_layers,
+from models import (NORMALIZATIONS, SamePad2d, add_lora, build_backbone, find_head,
                     parse_normalization)
 
 
