@@ -33,7 +33,7 @@ warnings.filterwarnings("ignore", message="no QP solver found")
 warnings.filterwarnings("ignore", message="JAXopt is no longer maintained")
 
 from strategies.recipe import LR_SCHEDULES, OPTIMIZERS, SCHEDULE_STEPS  # noqa: E402
-from strategies.registry import method_options, method_registry  # noqa: E402
+from strategies.registry import LORA_OPTIONS, method_options, method_registry  # noqa: E402
 
 REGISTRY = method_registry()
 METHODS = tuple(REGISTRY)
@@ -89,7 +89,7 @@ _CHOICES = dict(
     benchmark=BENCHMARKS, method=METHODS, bn=("auto", "train", "frozen"), optimizer=(None,) + OPTIMIZERS,
     lr_schedule=(None,) + LR_SCHEDULES, schedule_step=(None,) + SCHEDULE_STEPS, eval_on=("seen", "all"),
 )
-_HAND_WRITTEN = ("r", "alpha", "dropout", "conv_mode", "rslora", "target_modules", "exclude_modules", "per_task_bn")
+_HAND_WRITTEN = LORA_OPTIONS + ("per_task_bn",)  # options with a flag of their own below
 
 
 def _method_flag_help(name: str, text: str | None = None) -> str:
