@@ -286,3 +286,18 @@ def test_pretrained_batchnorm_in_train_mode_is_warned_once(resnet32_weights):
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message=".*FreezeBatchNormPlugin.*")
         s.train(bm.train_stream[0])
+
+
+@pytest.mark.parametrize("name", list(PLUGINS))
+def test_every_plugin_trains_inside_replay_with_lwf(name):
+    torch.manual_seed(0)
+    bm = _bm()
+    model = SimpleCNN(num_classes=4)
+    strategy = Replay(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.05), mem_size=20,
+                      criterion=nn.CrossEntropyLoss(), train_mb_size=16, evaluator=_quiet(),
+                      plugins=[_plugin(name), LwFPlugin(alpha=1.0)])
+    for exp in bm.train_stream:
+        strategy.train(exp)
+    strategy.eval(bm.test_stream)
+    assert len(lora_layers(model)) == 5 and parameter_report(strategy)["stored"] > 0
+    assert all(torch.isfinite(p).all() for p in model.parameters())
