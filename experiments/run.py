@@ -224,7 +224,7 @@ def resolve_method(cfg: dict) -> tuple:
     return cls, kwargs, recipe
 
 
-# option: (kind, low, high, inclusive high); None values mean "unset" and are not checked
+# option: (kind, low, high); "frac" is [low, high), the others have no upper bound; None means unset (not checked)
 _RANGES = dict(
     epochs=("int", 1, None), batch_size=("int", 1, None), eval_batch_size=("int", 1, None),
     n_experiences=("int", 1, None), image_size=("int", 1, None), threads=("int", 1, None),
