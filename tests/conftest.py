@@ -73,3 +73,8 @@ def small_model(kind: str):
     if kind == "resnet":
         return cifar_resnet(20, 10), r"layer3\.\d+\.conv[12]"
     return vit_cifar(10, depth=2, embed_dim=48, num_heads=3), ["attn.qkv", "mlp.fc2"]
+
+
+@pytest.fixture
+def mobilenet_v2_weights() -> Path:
+    return _shared("LOWRANK_CL_WEIGHTS", "mobilenet_v2/mobilenet_v2_imagenet.pt")

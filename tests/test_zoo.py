@@ -2,7 +2,6 @@
 the weights or the user, TF "SAME" padding for TF-trained weights, and the WandB logger offline."""
 
 import json
-import os
 
 import numpy as np
 import pytest
@@ -62,16 +61,13 @@ def test_same_pad_matches_tensorflow_same_arithmetic():
 
 
 @pytest.mark.slow
-def test_shared_mobilenet_linear_probe_follows_its_readme(cifar10_npz):
+def test_shared_mobilenet_linear_probe_follows_its_readme(cifar10_npz, mobilenet_v2_weights):
     """$LOWRANK_CL_WEIGHTS/mobilenet_v2 README: CIFAR-10 linear probe at 64 px, (x - 0.5)/0.5, 57 % stock and 62 %
     with TF padding (5,000 images). Here 1,000 training / 1,000 test images: the ordering and a floor."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.preprocessing import StandardScaler
 
-    root = os.environ.get("LOWRANK_CL_WEIGHTS")
-    path = os.path.join(root or "", "mobilenet_v2", "mobilenet_v2_imagenet.pt")
-    if not root or not os.path.isfile(path):
-        pytest.skip("needs mobilenet_v2/mobilenet_v2_imagenet.pt under $LOWRANK_CL_WEIGHTS")
+    path = str(mobilenet_v2_weights)
     a = np.load(cifar10_npz)
     rng = np.random.default_rng(0)
     tr = rng.permutation(len(a["y_train"]))[:1000]
