@@ -286,3 +286,19 @@ def test_sd_lora_past_magnitudes_restart_at_init(tmp_path, reset):
         assert mags_at_start[2] == {"0": pytest.approx(0.8), "1": pytest.approx(0.8)}
     else:
         assert mags_at_start[2]["0"] != pytest.approx(0.8)
+
+
+def test_plugins_and_their_strategies_share_every_default():
+    """A method's defaults live twice (the plugin, usable in any Avalanche strategy, and its strategy): they agree."""
+    import inspect
+
+    from strategies import method_registry
+
+    for name, cls in method_registry().items():
+        if cls.plugin_class is None:
+            continue
+        plugin = inspect.signature(cls.plugin_class.__init__).parameters
+        for k, p in inspect.signature(cls.__init__).parameters.items():
+            if k in plugin and p.kind is inspect.Parameter.KEYWORD_ONLY:
+                assert plugin[k].default == p.default, f"{name}: {k} is {plugin[k].default} in the plugin, " \
+                                                       f"{p.default} in the strategy"
