@@ -110,16 +110,52 @@ def _subsample(x, y, n_per_class: int | None, seed: int):
     return x[keep], y[keep]
 
 
-def _subset_dataset(ds, n_per_class: int | None, seed: int):
-    """A class-balanced subset of a CIFAR-like (``.data``) or ImageFolder (``.samples``) dataset."""
-    if n_per_class is None:
-        return ds
-    idx, ys = _subsample(np.arange(len(ds.targets)), np.array(ds.targets), n_per_class, seed)
+def _take(ds, idx):
+    """The images ``idx`` of a CIFAR-like (``.data``) or ImageFolder (``.samples``) dataset, as a new dataset."""
+    import copy
+
+    ys = np.asarray(ds.targets)[idx]
     if hasattr(ds, "samples"):  # ImageFolder: keep lazily loaded files
+        ds = copy.copy(ds)
         ds.samples = ds.imgs = [ds.samples[i] for i in idx]
         ds.targets = ys.tolist()
         return ds
     return ArrayImageDataset(np.asarray(ds.data)[idx], ys, getattr(ds, "classes", None))
+
+
+def _subset_dataset(ds, n_per_class: int | None, seed: int):
+    """A class-balanced subset of a CIFAR-like (``.data``) or ImageFolder (``.samples``) dataset."""
+    if n_per_class is None:
+        return ds
+    idx, _ = _subsample(np.arange(len(ds.targets)), np.array(ds.targets), n_per_class, seed)
+    return _take(ds, idx)
+
+
+def _holdout_indices(y, n_per_class: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(rest, held_out)`` indices: ``n_per_class`` images of each class held out (chosen with ``seed``, with a
+    stream of its own so the training subset drawn from the rest stays balanced), the rest kept; both sorted."""
+    rng = np.random.default_rng([seed, 7919])
+    held = []
+    for c in np.unique(y):
+        idx = np.flatnonzero(y == c)
+        if len(idx) <= n_per_class:
+            raise ValueError(f"validation: class {c} has {len(idx)} training images, too few to hold out "
+                             f"{n_per_class} and still train; use a smaller --validation.")
+        held.append(rng.choice(idx, size=n_per_class, replace=False))
+    held = np.sort(np.concatenate(held))
+    rest = np.setdiff1d(np.arange(len(y)), held)
+    return rest, held
+
+
+def _with_validation(train, test, validation: int | None, n_classes: int, n_experiences: int, seed: int):
+    """``(train, test)``, or with ``validation`` images per experience held out of the training set: ``(the rest of
+    the training set, the held-out images)`` -- the held-out images replace the test set (hyper-parameter choice
+    never sees it)."""
+    if validation is None:
+        return train, test
+    n = _per_class(validation, n_classes, n_experiences)
+    rest, held = _holdout_indices(np.asarray(train.targets), n, seed)
+    return _take(train, rest), _take(train, held)
 
 
 def _per_class(n_per_exp: int | None, n_classes: int, n_experiences: int) -> int | None:
@@ -186,7 +222,7 @@ def _transforms(normalization, image_size: int | None, train_augment: bool, nati
 
 def _split_cifar(kind: str, n_classes: int, default_norm, n_experiences, *, seed, data, dataset_root,
                  return_task_id, fixed_class_order, first_exp_with_half_classes, subset, eval_subset, normalization,
-                 image_size, train_transform, eval_transform):
+                 image_size, train_transform, eval_transform, validation=None):
     if seed is None and fixed_class_order is None:
         raise ValueError("Pass seed= (or fixed_class_order=): without one the class order is random on every run.")
     _check_split(n_classes, n_experiences, first_exp_with_half_classes)
@@ -218,6 +254,7 @@ def _split_cifar(kind: str, n_classes: int, default_norm, n_experiences, *, seed
                 "point --dataset-root at an existing torchvision copy."
             ) from e
         source = f"torchvision:{dataset_root or 'default location'}"
+    train, test = _with_validation(train, test, validation, n_classes, n_experiences, seed or 0)
     train = _subset_dataset(train, _per_class(subset, n_classes, n_experiences), seed or 0)
     test = _subset_dataset(test, _per_class(eval_subset, n_classes, n_experiences), seed or 0)
     default_tr, default_ev = _transforms(normalization or default_norm, image_size, True, 32)
@@ -247,6 +284,7 @@ def split_cifar10(
     image_size: int | None = None,
     train_transform=None,
     eval_transform=None,
+    validation: int | None = None,
 ):
     """Split CIFAR-10 as Avalanche's ``SplitCIFAR10`` builds it, from any of the sources in the module docstring.
 
@@ -257,6 +295,8 @@ def split_cifar10(
     :param return_task_id: task-incremental: task label i for experience i, class ids from 0 in each experience.
     :param subset: keep this many training images per experience (balanced over its classes), for quick runs.
     :param eval_subset: the same for the test images.
+    :param validation: hold out this many training images per experience (balanced, disjoint from the training
+        images) and use them as the test stream, for choosing hyper-parameters without the test set.
     :param normalization: ``(mean, std)`` instead of Avalanche's CIFAR-10 values (e.g. a pretrained backbone's).
     :param image_size: resize images (e.g. 224 for ImageNet backbones).
     :param train_transform: replaces the default train transform (random crop + flip + normalise).
@@ -268,7 +308,7 @@ def split_cifar10(
         return_task_id=return_task_id, fixed_class_order=fixed_class_order,
         first_exp_with_half_classes=first_exp_with_half_classes, subset=subset, eval_subset=eval_subset,
         normalization=normalization,
-        image_size=image_size, train_transform=train_transform, eval_transform=eval_transform,
+        image_size=image_size, train_transform=train_transform, eval_transform=eval_transform, validation=validation,
     )
 
 
@@ -287,6 +327,7 @@ def split_cifar100(
     image_size: int | None = None,
     train_transform=None,
     eval_transform=None,
+    validation: int | None = None,
 ):
     """Split CIFAR-100 as Avalanche's ``SplitCIFAR100`` builds it; same parameters as :func:`split_cifar10`
     (``n_experiences`` a divisor of 100; ``$LOWRANK_CL_DATA/cifar100.npz``)."""
@@ -295,7 +336,7 @@ def split_cifar100(
         return_task_id=return_task_id, fixed_class_order=fixed_class_order,
         first_exp_with_half_classes=first_exp_with_half_classes, subset=subset, eval_subset=eval_subset,
         normalization=normalization,
-        image_size=image_size, train_transform=train_transform, eval_transform=eval_transform,
+        image_size=image_size, train_transform=train_transform, eval_transform=eval_transform, validation=validation,
     )
 
 
@@ -312,6 +353,7 @@ def arrays_benchmark(
     to_rgb: bool = True,
     normalization: tuple | None = None,
     augment: bool = False,
+    validation: int | None = None,
 ):
     """A class-split benchmark from any arrays file (MNIST, users' own data).
 
@@ -320,6 +362,8 @@ def arrays_benchmark(
 
     :param augment: random crop (padding size/8) and horizontal flip while training; off by default since flips
         change digits.
+    :param validation: hold out this many training images per experience as the test stream (see
+        :func:`split_cifar10`).
     """
     if seed is None and fixed_class_order is None:
         raise ValueError("Pass seed= (or fixed_class_order=): without one the class order is random on every run.")
@@ -329,8 +373,12 @@ def arrays_benchmark(
     if missing:
         raise ValueError(f"{npz}: classes {missing} have no training images; labels must be 0..C-1, all used.")
     _check_split(n_classes, n_experiences, False)
-    xtr, ytr = _subsample(a["x_train"], a["y_train"], _per_class(subset, n_classes, n_experiences), seed or 0)
-    xte, yte = _subsample(a["x_test"], a["y_test"], _per_class(eval_subset, n_classes, n_experiences), seed or 0)
+    xtr, ytr, xte, yte = a["x_train"], a["y_train"], a["x_test"], a["y_test"]
+    if validation is not None:
+        rest, held = _holdout_indices(ytr, _per_class(validation, n_classes, n_experiences), seed or 0)
+        xtr, ytr, xte, yte = xtr[rest], ytr[rest], xtr[held], ytr[held]
+    xtr, ytr = _subsample(xtr, ytr, _per_class(subset, n_classes, n_experiences), seed or 0)
+    xte, yte = _subsample(xte, yte, _per_class(eval_subset, n_classes, n_experiences), seed or 0)
     grey = xtr.ndim == 3
     if normalization is None:
         x = xtr.astype(np.float32) / 255.0

@@ -57,6 +57,7 @@ DEFAULTS = dict(
     seed=0,
     subset=None,
     eval_subset=None,
+    validation=None,
     image_size=None,
     backbone="cifar_resnet32",
     backbone_weights=None,
@@ -80,6 +81,7 @@ DEFAULTS = dict(
     resume=False,
     retention_data=None,
     retention_subset=None,
+    replay=None,
     wandb=None,
     **{k: None for k in TRAINING_OPTIONS},
     **{k: None for k in _METHOD_OPTIONS if k not in ("target_modules", "per_task_bn") + _DERIVED},
@@ -129,6 +131,9 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, help="class order and initialisation (default 0)")
     g.add_argument("--subset", type=int, help="training images per experience (quick runs)")
     g.add_argument("--eval-subset", type=int, help="test images per experience (quick runs)")
+    g.add_argument("--validation", type=int, metavar="N",
+                   help="hold out N training images per experience (disjoint from the training images) and evaluate "
+                        "on them instead of the test set: for choosing hyper-parameters")
     g.add_argument("--image-size", type=int, help="resize images (e.g. 224 for ImageNet backbones)")
     g = p.add_argument_group("model")
     g.add_argument("--backbone", help="cifar_resnet20|32|44|56, vit_cifar, timm:<name>, torchvision:<name>, "
@@ -178,6 +183,8 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--lr-schedule", choices=LR_SCHEDULES, help="restarted every experience")
     g.add_argument("--warmup", type=float, help="share of each experience's steps in linear warm-up")
     g.add_argument("--schedule-step", choices=SCHEDULE_STEPS, help="the schedule advances per iteration or epoch")
+    g.add_argument("--replay", type=int, metavar="N",
+                   help="add experience replay with a memory of N samples (Avalanche's ReplayPlugin) to the method")
     g.add_argument("--keep-optimizer-state", action="store_true",
                    help="carry the optimizer state across experiences (Avalanche's way; default: a fresh state "
                         "per experience, as every official method)")
@@ -229,7 +236,7 @@ _RANGES = dict(
     epochs=("int", 1, None), batch_size=("int", 1, None), eval_batch_size=("int", 1, None),
     n_experiences=("int", 1, None), image_size=("int", 1, None), threads=("int", 1, None),
     num_workers=("int", 0, None), subset=("int", 1, None), eval_subset=("int", 1, None),
-    retention_subset=("int", 1, None), seed=("int", 0, None), r=("int", 1, None), alpha=("pos", 0, None),
+    retention_subset=("int", 1, None), validation=("int", 1, None), replay=("int", 1, None), seed=("int", 0, None), r=("int", 1, None), alpha=("pos", 0, None),
     dropout=("frac", 0, 1), lr=("pos", 0, None), momentum=("float", 0, None), weight_decay=("float", 0, None),
     warmup=("frac", 0, 1),
 )
@@ -301,6 +308,10 @@ def parse_config(argv=None) -> dict:
     if cfg["retention_data"] and not cfg["backbone_weights"]:
         raise ValueError("--retention-data measures the pretraining task through the pretrained head: "
                          "give --backbone-weights too.")
+    if cfg["replay"] is not None and cfg["method"] == "replay":
+        raise ValueError("--method replay has its own memory: set its size with --mem-size, not --replay.")
+    if cfg["replay"] is not None and getattr(REGISTRY.get(cfg["method"]), "trains_jointly", False):
+        raise ValueError("--method joint trains on all experiences at once: --replay has nothing to add; drop it.")
     if cfg["benchmark"] == "arrays" and not cfg["data"]:
         raise ValueError("--benchmark arrays needs --data <file.npz>.")
     _check_ranges(cfg)
@@ -344,7 +355,8 @@ def build_benchmark(cfg: dict, normalization=None):
     from .benchmarks import arrays_benchmark, split_cifar10, split_cifar100
 
     common = dict(seed=cfg["seed"], return_task_id=cfg["task_incremental"], subset=cfg["subset"],
-                  eval_subset=cfg["eval_subset"], image_size=cfg["image_size"], normalization=normalization)
+                  eval_subset=cfg["eval_subset"], image_size=cfg["image_size"], normalization=normalization,
+                  validation=cfg.get("validation"))
     if cfg["benchmark"] == "arrays":
         return arrays_benchmark(cfg["data"], cfg["n_experiences"], **common)
     fn = split_cifar10 if cfg["benchmark"] == "split_cifar10" else split_cifar100
@@ -406,7 +418,8 @@ _ACC_RE = re.compile(r"Top1_Acc_Exp/eval_phase/test_stream/Task\d+/Exp(\d+)$")
 _TII_RE = re.compile(r"TII_Acc_Exp/eval_phase/test_stream/Exp(\d+)$")
 
 
-def summarize(matrix: list[list[float | None]], initial: list[float | None] | None = None) -> dict:
+def summarize(matrix: list[list[float | None]], initial: list[float | None] | None = None, *,
+              joint: bool = False) -> dict:
     """Figures from the accuracy matrix R (row i: after training experience i):
 
     * ``average_accuracy[i]``: mean of R[i][j] over j <= i (the experiences seen so far); ``A_last`` is its final
@@ -416,7 +429,14 @@ def summarize(matrix: list[list[float | None]], initial: list[float | None] | No
       ``average_forgetting``, and ``bwt`` = -average_forgetting;
     * with the accuracies before any training (``initial``, b) and R's upper triangle, ``forward_transfer`` =
       mean over i >= 1 of R[i-1][i] - b[i] (Lopez-Paz & Ranzato, GEM, 2017).
+
+    ``joint``: R is one row, after training on every experience at once: ``A_last`` is its mean, and the figures of a
+    sequence (``A_avg``, forgetting, BWT) are ``None``.
     """
+    if joint:
+        last = float(np.mean(matrix[-1])) if matrix else None
+        return dict(average_accuracy=[last] if matrix else [], final_average_accuracy=last, A_last=last, A_avg=None,
+                    forgetting_per_experience=[], average_forgetting=None, bwt=None)
     avg = [float(np.mean([r[j] for j in range(i + 1)])) for i, r in enumerate(matrix)]
     last = len(matrix) - 1
     forg = [matrix[j][j] - matrix[last][j] for j in range(last)]
@@ -536,6 +556,10 @@ def run(cfg: dict) -> dict:
         bn = "frozen" if pretrained and not cfg["per_task_bn"] else "train"
 
     plugins = [FiniteLossPlugin()] + ([FreezeBatchNormPlugin()] if bn == "frozen" else [])
+    if cfg["replay"]:
+        from avalanche.training.plugins import ReplayPlugin
+
+        plugins.append(ReplayPlugin(mem_size=cfg["replay"]))
     start = 0 if ckpt is None else ckpt["experience"] + 1
     loggers, log_file, csv_logger = [], None, None
     if main_process:  # Avalanche's loggers refuse to exist on other ranks
@@ -585,8 +609,13 @@ def run(cfg: dict) -> dict:
     )
     strategy = build_strategy(cfg, model, common)
     plugin = getattr(strategy, "method_plugin", None)
+    if ckpt is not None and ((plugin is not None and not hasattr(plugin, "state_dict")) or cfg["replay"]):
+        # Avalanche's EWC / LwF / replay plugins keep what they learnt (importances, teacher, memory) in objects the
+        # checkpoint cannot hold: a resumed run would silently be another algorithm
+        raise ValueError(f"--resume: {'replay' if cfg['replay'] else cfg['method']} keeps state (memory, teacher or "
+                         "importances) that the checkpoint does not hold; rerun without --resume (a fresh --out).")
     lora_info = None
-    if plugin is not None:
+    if hasattr(plugin, "prepare"):  # the LoRA methods (the baselines' plugins are Avalanche's own)
         # inject now (the plugin would do it when training starts) so that bad targets fail before any work
         plugin.prepare(model)
         layer = lora_layers(model)[0][1]
@@ -604,6 +633,7 @@ def run(cfg: dict) -> dict:
         ours["curve"].last = list(results.get("average_accuracy") or [])
         if "retention" in ours:
             ours["retention"].history = list(results.get("pretraining_retention") or [])
+            ours["retention"].per_class_history = list(results.get("pretraining_retention_per_class") or [])
     else:
         results = dict(
             config={k: v for k, v in cfg.items()},
@@ -614,6 +644,8 @@ def run(cfg: dict) -> dict:
                 classes_per_experience=[sorted(int(c) for c in bm.original_classes_in_exp[i]) for i in range(T)],
                 train_sizes=[len(e.dataset) for e in bm.train_stream],
                 test_sizes=[len(e.dataset) for e in bm.test_stream],
+                eval_split=("validation: " + str(cfg["validation"]) + " training images per experience held out"
+                            if cfg.get("validation") else "test"),
                 normalization=[list(bm.normalization[0]), list(bm.normalization[1])],
             ),
             model=dict(backbone=cfg["backbone"], weights=cfg["backbone_weights"], bn=bn, device=str(device),
@@ -635,6 +667,9 @@ def run(cfg: dict) -> dict:
         if distributed:
             results["distributed"] = dict(world_size=DistributedHelper.world_size, backend=DistributedHelper.backend,
                                           ranks_in_sync=[])
+    if "retention" in ours and "pretraining_accuracy" not in results:  # the reference retention is measured against
+        results["pretraining_accuracy"] = ours["retention"].measure(model.to(device), device)
+        results["pretraining_accuracy_per_class"] = ours["retention"]._per_class
     if main_process:
         _write_json(out / "results.json", results)
 
@@ -647,7 +682,10 @@ def run(cfg: dict) -> dict:
                 if m:
                     init[int(m.group(1))] = float(value)
             results["initial_accuracy"] = init
-        for i, exp in enumerate(bm.train_stream):
+        # joint training (the upper bound) is one step on the whole stream, evaluated on every test experience
+        joint = bool(getattr(REGISTRY[cfg["method"]], "trains_jointly", False))
+        steps = [(T - 1, list(bm.train_stream))] if joint else list(enumerate(bm.train_stream))
+        for i, exp in steps:
             if i < start:
                 continue
             t0 = time.perf_counter()
@@ -675,11 +713,12 @@ def run(cfg: dict) -> dict:
             results["train_iterations"].append(strategy.clock.train_exp_iterations)
             results["eval_time_s"].append(t2 - t1)
             results["experiences_done"] = i + 1
-            results.update(summarize(results["accuracy_matrix"], results.get("initial_accuracy")))
+            results.update(summarize(results["accuracy_matrix"], results.get("initial_accuracy"), joint=joint))
             results["rank_usage"] = ours["ranks"].history if lora_info else None
             results["spectra"] = ours["spectra"].history
             if "retention" in ours:
                 results["pretraining_retention"] = ours["retention"].history
+                results["pretraining_retention_per_class"] = ours["retention"].per_class_history
             results["avalanche"] = {
                 k: float(v) for k, v in last.items()
                 if k.startswith(("StreamForgetting", "StreamBWT", "Top1_Acc_Stream/eval_phase"))
@@ -738,7 +777,7 @@ def evaluate_checkpoint(cfg: dict) -> list:
         criterion=torch.nn.CrossEntropyLoss(), train_mb_size=cfg["batch_size"], eval_mb_size=cfg["eval_batch_size"],
         device=_device(cfg["device"]), evaluator=EvaluationPlugin(accuracy_metrics(experience=True), loggers=[])))
     plugin = getattr(strategy, "method_plugin", None)
-    if plugin is not None:
+    if hasattr(plugin, "prepare"):
         plugin.prepare(model)
     _restore(ckpt, strategy, model, plugin, bm, strategy.device)
     done = ckpt["experience"] + 1

@@ -176,6 +176,8 @@ class PretrainingRetentionPluginMetric(PluginMetric[float]):
         self.loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
         self.head = copy.deepcopy(head).requires_grad_(False).eval()
         self.history: list[float] = []
+        self.per_class_history: list[dict] = []  # {class: accuracy} after each experience
+        self._per_class: dict = {}
 
     def result(self) -> float | None:
         return self.history[-1] if self.history else None
@@ -185,24 +187,29 @@ class PretrainingRetentionPluginMetric(PluginMetric[float]):
 
     @torch.no_grad()
     def measure(self, model: nn.Module, device) -> float:
+        """Accuracy on the whole set (and, in ``self._per_class``, each class's)."""
         modes = {m: m.training for m in model.modules()}
         model.eval()
         head = self.head.to(device)
         set_task_routing(model, BASE_ROUTE)  # no-op for models without routed layers
-        correct = total = 0
+        hits, seen = {}, {}
         try:
             for batch in self.loader:
                 x, y = batch[0].to(device), batch[1].to(device)
-                correct += int((_features_with(model, head, x).argmax(1) == y).sum())
-                total += len(y)
+                ok = _features_with(model, head, x).argmax(1) == y
+                for c in y.unique().tolist():
+                    hits[c] = hits.get(c, 0) + int(ok[y == c].sum())
+                    seen[c] = seen.get(c, 0) + int((y == c).sum())
         finally:
             for m, mode in modes.items():
                 m.training = mode
-        return correct / max(total, 1)
+        self._per_class = {int(c): hits[c] / seen[c] for c in sorted(seen)}
+        return sum(hits.values()) / max(sum(seen.values()), 1)
 
     def after_training_exp(self, strategy):
         acc = self.measure(unwrap(strategy.model), strategy.device)
         self.history.append(acc)
+        self.per_class_history.append(self._per_class)
         e = strategy.experience.current_experience
         return [MetricValue(self, f"PretrainRetention/eval_phase/Exp{e:03d}", acc, _x(strategy))]
 

@@ -1,0 +1,601 @@
+"""The comparison suite: every method against the standard baselines, one command per protocol.
+
+    python -m experiments.suite --protocol q1|q2 [--seeds 1234,0,1] [--quick] [--out DIR] [--threads N]
+
+A protocol is a YAML file in ``experiments/configs/suite/`` (``common`` run options, ``rows``, ``seeds``,
+``scenarios``, the ``selection`` of each row's learning rate). The suite
+
+1. chooses each row's learning rate (and any other ``tune``-d option) on a **validation split** carved from the
+   training data (``experiments.run --validation``; the test set is never seen), on the selection seed and scenario,
+   from the row's grid (multiples of the method's own default lr), and writes the chosen values at the end of the
+   protocol's YAML (below the marker line) and into ``<out>/selection.md``;
+2. runs every row, seed and scenario (seeds outermost, so the first seed of every row comes first), each as its own
+   ``python -m experiments.run`` process writing ``<out>/runs/<scenario>/<row>/seed<seed>/``;
+3. rewrites after every run the tables (``<out>/table_<scenario>.md|csv``, mean ± std over the seeds done), the claims
+   table (``<out>/claims.md``) and the figures (``<out>/*.png``).
+
+It resumes after a kill: a finished run (or one stopped by a non-finite loss, which is a result) is skipped, a killed
+one continues from its last checkpoint (or starts again when its method keeps state a checkpoint cannot hold: EWC,
+LwF, replay). ``--quick`` runs every row on a few images, for the smoke test (its selection is not written back).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["load_protocol", "plan", "aggregate", "claims", "main", "PROTOCOL_DIR", "MARKER"]
+
+PROTOCOL_DIR = Path(__file__).parent / "configs" / "suite"
+MARKER = "# --- chosen on the validation split by python -m experiments.suite (rewritten by it; do not edit below) ---"
+SCENARIOS = ("class_il", "task_il")
+_ENV = re.compile(r"\$\{?(\w+)\}?")
+
+
+def _expand(value, where: str):
+    """``$VAR`` / ``${VAR}`` in strings replaced from the environment; an unset variable is an error."""
+    if isinstance(value, dict):
+        return {k: _expand(v, where) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_expand(v, where) for v in value]
+    if isinstance(value, str):
+        for var in _ENV.findall(value):
+            if var not in os.environ:
+                raise ValueError(f"{where} needs ${var} (e.g. export {var}=../shared/"
+                                 f"{'weights' if 'WEIGHTS' in var else 'data'}); it is not set.")
+        return _ENV.sub(lambda m: os.environ[m.group(1)], value)
+    return value
+
+
+def load_protocol(name_or_path: str) -> dict:
+    """The protocol's YAML (``q1``, ``q2`` or a path), environment variables expanded, checked."""
+    import yaml
+
+    path = Path(name_or_path)
+    if not path.suffix:
+        path = PROTOCOL_DIR / f"{name_or_path}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in PROTOCOL_DIR.glob("*.yaml"))
+        raise ValueError(f"No protocol {name_or_path!r}: give one of {', '.join(known)} or a YAML path.")
+    proto = yaml.safe_load(path.read_text()) or {}
+    for key in ("common", "rows", "seeds", "scenarios", "selection"):
+        if key not in proto:
+            raise ValueError(f"{path}: missing '{key}'.")
+    proto = _expand(proto, str(path))
+    proto["path"] = str(path)
+    proto.setdefault("selected", {})
+    proto["selected"] = proto["selected"] or {}
+    names = [r["name"] for r in proto["rows"]]
+    if len(set(names)) != len(names):
+        raise ValueError(f"{path}: row names must be unique, got {names}.")
+    for r in proto["rows"]:
+        for s in r.get("scenarios", proto["scenarios"]):
+            if s not in SCENARIOS:
+                raise ValueError(f"{path}: row {r['name']}: unknown scenario {s!r}; use {SCENARIOS}.")
+        if r.get("lr_from") and r["lr_from"] not in names:
+            raise ValueError(f"{path}: row {r['name']}: lr_from {r['lr_from']!r} is not a row.")
+    return proto
+
+
+def _cli(opts: dict) -> list[str]:
+    """``experiments.run`` arguments from ``{option: value}`` (``scenario`` becomes the task/class flag)."""
+    args: list[str] = []
+    for k, v in opts.items():
+        if v is None:
+            continue
+        if k == "scenario":
+            args.append("--task-incremental" if v == "task_il" else "--class-incremental")
+            continue
+        flag = "--" + k.replace("_", "-")
+        if isinstance(v, bool):
+            args.append(flag if v else "--no-" + k.replace("_", "-"))
+        elif isinstance(v, (list, tuple)):
+            args += [flag, ",".join(str(x) for x in v)]
+        else:
+            args += [flag, str(v)]
+    return args
+
+
+def _row_options(row: dict) -> dict:
+    return {k: v for k, v in row.items() if k not in ("name", "scenarios", "tune", "lr_from", "group", "label",
+                                                        "seeds", "sweep")}
+
+
+def _default_lr(row: dict) -> float:
+    from .run import REGISTRY
+
+    return REGISTRY[row["method"]].recipe.lr
+
+
+def _grid(proto: dict, row: dict) -> list[dict]:
+    """The selection grid of ``row``: ``lr`` = the method's default × each factor, times any ``tune`` options."""
+    if row.get("lr_from") or row.get("tune") == "none":
+        return []
+    tune = dict(row.get("tune") or {})
+    factors = tune.pop("lr_factors", proto["selection"]["lr_factors"])
+    points = [{"lr": float(f"{_default_lr(row) * f:.3g}")} for f in factors]
+    for key, values in tune.items():
+        points = [dict(p, **{key: v}) for p in points for v in values]
+    return points
+
+
+def _tag(point: dict) -> str:
+    return "_".join(f"{k}{v:g}" if isinstance(v, float) else f"{k}{v}" for k, v in sorted(point.items()))
+
+
+def plan(proto: dict, *, quick: bool, seeds: list[int], out: Path) -> tuple[list, list]:
+    """``(selection runs, main runs)``: each ``(row, scenario, seed, options, run dir)``."""
+    quick_opts = dict(proto.get("quick") or {}) if quick else {}
+    sel = dict(proto["selection"], **quick_opts.pop("selection", {}))
+    sel_validation = quick_opts.pop("validation", sel["validation"])
+    common = dict(proto["common"], **quick_opts)
+    selection = []
+    for row in proto["rows"]:
+        scenarios = row.get("scenarios", proto["scenarios"])
+        scenario = sel["scenario"] if sel["scenario"] in scenarios else scenarios[0]  # e.g. class-IL-only methods
+        for point in _grid(dict(proto, selection=sel), row):
+            opts = dict(common, **_row_options(row), **point, seed=sel["seed"], scenario=scenario,
+                        validation=sel_validation)
+            selection.append((row, scenario, sel["seed"], point, opts, out / "select" / row["name"] / _tag(point)))
+    runs = []
+    for seed in seeds:
+        for scenario in proto["scenarios"]:
+            for row in proto["rows"]:
+                if scenario not in row.get("scenarios", proto["scenarios"]):
+                    continue
+                if seed not in row.get("seeds", seeds):
+                    continue
+                opts = dict(common, **_row_options(row), seed=seed, scenario=scenario)
+                runs.append((row, scenario, seed, None, opts, out / "runs" / scenario / row["name"] / f"seed{seed}"))
+    return selection, runs
+
+
+def _load(run_dir: Path) -> dict | None:
+    try:
+        return json.loads((run_dir / "results.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def _done(res: dict | None) -> bool:
+    return bool(res) and (res.get("finished") or bool(res.get("stopped")))
+
+
+def _execute(cmd: list[str], log, env: dict, in_process: bool) -> tuple[int, str]:
+    """``(exit code, stderr)`` of ``python -m experiments.run`` in a process of its own, or in this one (``--quick``:
+    no interpreter start-up per run)."""
+    if not in_process:
+        p = subprocess.run(cmd, stdout=log, stderr=subprocess.PIPE, text=True, env=env,
+                           cwd=Path(__file__).resolve().parent.parent)
+        return p.returncode, p.stderr
+    import contextlib
+    import io
+
+    from .run import main as run_main
+
+    err = io.StringIO()
+    with contextlib.redirect_stdout(log), contextlib.redirect_stderr(err):
+        code = run_main(cmd[3:])
+    return code, err.getvalue()
+
+
+def run_one(opts: dict, run_dir: Path, *, threads: int, in_process: bool = False) -> tuple[dict, str]:
+    """Run (or resume, or skip) one ``experiments.run``; ``(results, what happened)``. A configuration error
+    stops the suite (it is a bug of the protocol, not a result)."""
+    res = _load(run_dir)
+    if _done(res):
+        return res, "done before"
+    env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", OMP_NUM_THREADS=str(threads))
+    base = [sys.executable, "-m", "experiments.run", *_cli(opts), "--out", str(run_dir), "--threads", str(threads),
+            "--no-progress"]
+    how = "ran"
+    attempts = [base + ["--resume"], base] if (run_dir / "checkpoint.pt").is_file() else [base]
+    for k, cmd in enumerate(attempts):
+        if k == 1 or (len(attempts) == 1 and run_dir.exists()):
+            shutil.rmtree(run_dir, ignore_errors=True)  # a killed run that cannot resume starts again
+        run_dir.mkdir(parents=True, exist_ok=True)
+        with open(run_dir / "stdout.txt", "a") as log:
+            log.write("$ " + " ".join(cmd) + "\n")
+            log.flush()
+            code, stderr = _execute(cmd, log, env, in_process)
+        if code in (0, 3):  # 3: stopped by a non-finite loss, its finished experiences kept
+            how = "resumed" if "--resume" in cmd else how
+            return _load(run_dir), how
+        if code == 130:
+            raise KeyboardInterrupt
+        if "--resume" in cmd:
+            continue
+        tail = " | ".join(stderr.strip().splitlines()[-3:])
+        raise RuntimeError(f"{run_dir}: experiments.run failed (exit {code}): {tail}\n  command: "
+                           f"{' '.join(cmd)}")
+    raise AssertionError("unreachable")
+
+
+def _fmt_pct(values, digits=1):
+    vals = [v for v in values if v is not None]
+    if not vals:
+        return "–"
+    m = 100 * float(np.mean(vals))
+    return f"{m:.{digits}f} ± {100 * float(np.std(vals)):.{digits}f}" if len(vals) > 1 else f"{m:.{digits}f}"
+
+
+def _mean(values):
+    vals = [v for v in values if v is not None]
+    return float(np.mean(vals)) if vals else None
+
+
+def _count(n) -> str:
+    if n is None:
+        return "–"
+    return f"{n / 1e6:.2f} M" if n >= 1e6 else f"{n / 1e3:.1f} k"
+
+
+def aggregate(proto: dict, runs: list) -> dict:
+    """``{scenario: {row: figures}}`` over the finished seeds of each (scenario, row)."""
+    table: dict = {}
+    for row, scenario, seed, _, _, run_dir in runs:
+        res = _load(run_dir)
+        entry = table.setdefault(scenario, {}).setdefault(row["name"], dict(row=row, seeds=[], results=[]))
+        if _done(res):
+            entry["seeds"].append(seed)
+            entry["results"].append(res)
+    for scenario, rows in table.items():
+        for name, e in rows.items():
+            rs = e["results"]
+            e["diverged"] = sum(bool(r.get("stopped")) for r in rs)
+            ok = [r for r in rs if r.get("finished")]
+            e["A_last"] = [r["A_last"] for r in ok]
+            e["A_avg"] = [r["A_avg"] for r in ok]
+            e["forgetting"] = [r["average_forgetting"] for r in ok]
+            e["bwt"] = [r["bwt"] for r in ok]
+            e["retention"] = [r["pretraining_retention"][-1] for r in ok if r.get("pretraining_retention")]
+            e["pretraining"] = [r["pretraining_accuracy"] for r in ok if r.get("pretraining_accuracy") is not None]
+            e["relative_retention"] = [r["pretraining_retention"][-1] / r["pretraining_accuracy"] for r in ok
+                                       if r.get("pretraining_retention") and r.get("pretraining_accuracy")]
+            e["curve"] = [r["average_accuracy"] for r in ok]
+            e["diagonal"] = [[row_[i] for i, row_ in enumerate(r["accuracy_matrix"])] for r in ok
+                             if not r.get("config", {}).get("method") == "joint"]
+            last = [r["parameters"][-1] for r in ok if r.get("parameters")]
+            for k in ("trainable", "stored", "inference"):
+                e[k] = max((p[k] for p in last), default=None)
+            e["wall"] = [r.get("wall_time_s") for r in ok]
+            e["lr"] = ok[0]["training"]["lr"] if ok else None
+            e["per_class_retention"] = [r.get("pretraining_retention_per_class", [None])[-1] for r in ok
+                                        if r.get("pretraining_retention_per_class")]
+            e["pretraining_per_class"] = [r.get("pretraining_accuracy_per_class") for r in ok
+                                          if r.get("pretraining_accuracy_per_class")]
+        joint = rows.get("joint")
+        j = _mean(joint["A_last"]) if joint else None
+        for e in rows.values():
+            a = _mean(e["A_last"])
+            e["last_over_joint"] = a / j if (a is not None and j) else None
+    return table
+
+
+_COLUMNS = ("row", "method", "lr", "last acc %", "A_avg %", "forgetting %", "BWT %", "last ÷ joint", "retention %",
+            "retention ÷ pretraining", "trainable", "stored", "inference", "wall s", "seeds")
+
+
+def _table_rows(proto: dict, rows: dict) -> list[list[str]]:
+    out = []
+    for name, e in rows.items():
+        r = e["row"]
+        seeds = f"{len(e['seeds'])}" + (f" ({e['diverged']} diverged)" if e["diverged"] else "")
+        out.append([
+            r.get("label", name), r["method"], "–" if r["method"] == "ncm" or e["lr"] is None else f"{e['lr']:.3g}",
+            _fmt_pct(e["A_last"]), _fmt_pct(e["A_avg"]) if r["method"] != "joint" else "–",
+            _fmt_pct(e["forgetting"]) if r["method"] != "joint" else "–",
+            _fmt_pct(e["bwt"]) if r["method"] != "joint" else "–",
+            "–" if e["last_over_joint"] is None else f"{e['last_over_joint']:.2f}",
+            _fmt_pct(e["retention"]), "–" if not e["relative_retention"] else f"{_mean(e['relative_retention']):.2f}",
+            _count(e["trainable"]), _count(e["stored"]), _count(e["inference"]),
+            "–" if _mean(e["wall"]) is None else f"{_mean(e['wall']):.0f}", seeds,
+        ])
+    return out
+
+
+def write_tables(proto: dict, table: dict, out: Path) -> list[Path]:
+    written = []
+    for scenario, rows in table.items():
+        body = _table_rows(proto, rows)
+        md = ["| " + " | ".join(_COLUMNS) + " |", "|" + "---|" * len(_COLUMNS)]
+        md += ["| " + " | ".join(r) + " |" for r in body]
+        p = out / f"table_{scenario}.md"
+        p.write_text("\n".join(md) + "\n")
+        with open(out / f"table_{scenario}.csv", "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(_COLUMNS)
+            w.writerows(body)
+        written += [p, out / f"table_{scenario}.csv"]
+    return written
+
+
+def _get(table, scenario, name):
+    e = table.get(scenario, {}).get(name)
+    return e if e and e["A_last"] else None
+
+
+def claims(proto: dict, table: dict) -> list[dict]:
+    """The seed papers' claims that this protocol tests (``proto['claims']`` names them), each with a verdict from
+    the measured figures: ``holds``, ``does not hold`` or ``not measured yet`` (rows missing)."""
+    out = []
+    m = lambda e, k: _mean(e[k])  # noqa: E731
+    for claim in proto.get("claims", []):
+        kind, sc = claim["kind"], claim.get("scenario", "task_il")
+        verdict, figures = "not measured yet", ""
+        if kind == "rank_forgetting":  # Soutif-Cormerais: higher rank, more forgetting of the pretraining task
+            es = [(r, _get(table, sc, n)) for r, n in claim["rows"]]
+            if all(e for _, e in es):
+                ret = [m(e, "retention") for _, e in es]
+                acc = [m(e, "A_last") for _, e in es]
+                figures = "; ".join(f"r {r}: retention {100 * x:.1f} %, MNIST {100 * a:.1f} %"
+                                    for (r, _), x, a in zip(es, ret, acc))
+                falls = ret[-1] < ret[0] - claim.get("margin", 0.05)
+                verdict = "holds" if falls else "does not hold"
+        elif kind == "uniform_forgetting":  # Soutif-Cormerais: ResNets forget the pretraining classes uniformly
+            e = _get(table, sc, claim["row"])
+            if e and e["per_class_retention"] and e["pretraining_per_class"]:
+                before = e["pretraining_per_class"][0]
+                after = {c: _mean([d[c] for d in e["per_class_retention"]]) for c in before}
+                drops = np.array([before[c] - after[c] for c in before])
+                mean_drop, spread = float(drops.mean()), float(drops.std())
+                worst = max(before, key=lambda c: before[c] - after[c])
+                figures = (f"drop per class {100 * mean_drop:.1f} ± {100 * spread:.1f} points (mean ± std over the "
+                           f"10 classes), largest class {worst}: {100 * (before[worst] - after[worst]):.1f}")
+                # contextual forgetting would single out classes: the largest drop far above the others
+                contextual = drops.max() > mean_drop + 3 * max(spread, 1e-9) and drops.max() > 0.1
+                verdict = "does not hold" if contextual else "holds"
+        elif kind == "more_retention":  # a method keeps more of the pretraining at equal or better new-task accuracy
+            a, b = _get(table, sc, claim["row"]), _get(table, sc, claim["baseline"])
+            if a and b:
+                ra, rb, aa, ab = m(a, "retention"), m(b, "retention"), m(a, "A_last"), m(b, "A_last")
+                figures = (f"{claim['row']}: retention {100 * ra:.1f} %, new tasks {100 * aa:.1f} %; "
+                           f"{claim['baseline']}: {100 * rb:.1f} %, {100 * ab:.1f} %")
+                verdict = "holds" if ra > rb and aa >= ab - claim.get("tolerance", 0.01) else "does not hold"
+        elif kind == "less_forgetting":  # a method forgets less than another at the same rank
+            a, b = _get(table, sc, claim["row"]), _get(table, sc, claim["baseline"])
+            if a and b:
+                fa, fb = m(a, "forgetting"), m(b, "forgetting")
+                ra, rb = m(a, "retention"), m(b, "retention")
+                figures = (f"forgetting {claim['row']} {100 * fa:.1f} vs {claim['baseline']} {100 * fb:.1f} points"
+                           + (f"; retention {100 * ra:.1f} vs {100 * rb:.1f} %" if ra is not None else ""))
+                verdict = "holds" if fa < fb else "does not hold"
+        elif kind == "ranking":  # rows ordered as in the papers, by last accuracy
+            es = [(n, _get(table, sc, n)) for n in claim["order"]]
+            if all(e for _, e in es):
+                accs = [m(e, "A_last") for _, e in es]
+                figures = " > ".join(f"{n} {100 * a:.1f}" for (n, _), a in zip(es, accs))
+                ok = all(accs[i] >= accs[i + 1] - claim.get("tolerance", 0.0) for i in range(len(accs) - 1))
+                verdict = "holds" if ok else "does not hold"
+        elif kind == "growth":  # per-task adapters reach a growing network's accuracy with less growth
+            a, b = _get(table, sc, claim["row"]), _get(table, sc, claim["baseline"])
+            if a and b:
+                figures = (f"{claim['row']} {100 * m(a, 'A_last'):.1f} % at {_count(a['stored'])} stored; "
+                           f"{claim['baseline']} {100 * m(b, 'A_last'):.1f} % at {_count(b['stored'])}")
+                verdict = ("holds" if m(a, "A_last") >= m(b, "A_last") - claim.get("tolerance", 0.01)
+                           and a["stored"] < b["stored"] else "does not hold")
+        elif kind == "not_tested":
+            verdict, figures = "not tested here", claim["why"]
+        else:
+            raise ValueError(f"{proto['path']}: unknown claim kind {kind!r}.")
+        out.append(dict(claim=claim["text"], source=claim.get("source", ""), test=claim.get("test", ""),
+                        scenario=sc, verdict=verdict, figures=figures, differs=claim.get("differs", "")))
+    return out
+
+
+def write_claims(proto: dict, rows: list[dict], out: Path) -> Path:
+    md = ["| claim (source) | test here | verdict | measured | what differs from the paper |", "|---|---|---|---|---|"]
+    for c in rows:
+        md.append(f"| {c['claim']} ({c['source']}) | {c['test']} ({c['scenario']}) | **{c['verdict']}** | "
+                  f"{c['figures'] or '–'} | {c['differs']} |")
+    p = out / "claims.md"
+    p.write_text("\n".join(md) + "\n")
+    return p
+
+
+def write_figures(proto: dict, table: dict, out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    for scenario, rows in table.items():
+        main_rows = {n: e for n, e in rows.items() if e["curve"] and e["row"].get("group") != "rank_sweep"}
+        if not main_rows:
+            continue
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for name, e in main_rows.items():
+            if e["row"]["method"] == "joint":
+                ax.axhline(100 * _mean(e["A_last"]), ls="--", color="k", label="joint (upper bound)")
+                continue
+            curve = 100 * np.mean(np.array(e["curve"], dtype=float), axis=0)
+            ax.plot(range(1, len(curve) + 1), curve, marker="o", ms=3, label=e["row"].get("label", name))
+        ax.set(xlabel="experiences learnt", ylabel="average accuracy on seen experiences (%)",
+               title=f"{proto['protocol']} {scenario}: accuracy after each experience")
+        ax.legend(fontsize=7, ncol=2)
+        fig.tight_layout()
+        written.append(out / f"curves_{scenario}.png")
+        fig.savefig(written[-1], dpi=110)
+        plt.close(fig)
+
+        fig, ax = plt.subplots(figsize=(6, 4.5))
+        for name, e in main_rows.items():
+            if e["stored"]:
+                ax.scatter(e["stored"], 100 * _mean(e["A_last"]))
+                ax.annotate(e["row"].get("label", name), (e["stored"], 100 * _mean(e["A_last"])), fontsize=7)
+        ax.set(xscale="log", xlabel="stored parameters after the last experience", ylabel="last accuracy (%)",
+               title=f"{proto['protocol']} {scenario}: accuracy against stored parameters")
+        fig.tight_layout()
+        written.append(out / f"acc_vs_stored_{scenario}.png")
+        fig.savefig(written[-1], dpi=110)
+        plt.close(fig)
+
+        ret_rows = {n: e for n, e in rows.items() if e["retention"]}
+        if ret_rows:
+            fig, ax = plt.subplots(figsize=(6, 4.5))
+            for name, e in ret_rows.items():
+                x, y = 100 * _mean(e["A_last"]), 100 * _mean(e["retention"])
+                ax.scatter(x, y, marker="s" if e["row"].get("group") == "rank_sweep" else "o")
+                ax.annotate(e["row"].get("label", name), (x, y), fontsize=7)
+            pre = _mean([v for e in ret_rows.values() for v in e["pretraining"]])
+            if pre:
+                ax.axhline(100 * pre, ls=":", color="k", label="before training")
+                ax.axhline(97 * pre, ls="--", color="grey", label="0.97 × before")
+                ax.legend(fontsize=7)
+            ax.set(xlabel="new-task last accuracy (%)", ylabel="pretraining-task accuracy after the last experience (%)",
+                   title=f"{proto['protocol']} {scenario}: retention against new-task accuracy")
+            fig.tight_layout()
+            written.append(out / f"retention_vs_acc_{scenario}.png")
+            fig.savefig(written[-1], dpi=110)
+            plt.close(fig)
+
+        sweep = [e for e in rows.values() if e["row"].get("sweep") and e["A_last"]]
+        if sweep:
+            fig, axes = plt.subplots(1, 2, figsize=(9, 4))
+            for conv in sorted({e["row"]["sweep"] for e in sweep}):
+                pts = sorted(((e["results"][0]["config"]["r"], e) for e in sweep if e["row"]["sweep"] == conv),
+                             key=lambda p: p[0])
+                rs = [r for r, _ in pts]
+                axes[0].plot(rs, [100 * _mean(e["retention"] or [None]) if e["retention"] else np.nan
+                                  for _, e in pts], marker="o", label=conv)
+                axes[1].plot(rs, [100 * _mean(e["A_last"]) for _, e in pts], marker="o", label=conv)
+            for ax, lab in zip(axes, ("pretraining-task accuracy (%)", "new-task last accuracy (%)")):
+                ax.set(xscale="log", xlabel="rank r", ylabel=lab)
+                ax.legend(fontsize=8)
+            fig.suptitle(f"{proto['protocol']} {scenario}: merged LoRA rank sweep")
+            fig.tight_layout()
+            written.append(out / f"rank_sweep_{scenario}.png")
+            fig.savefig(written[-1], dpi=110)
+            plt.close(fig)
+    return written
+
+
+def _write_selection(proto: dict, results: dict, out: Path, *, write_back: bool) -> None:
+    """``<out>/selection.md`` (every grid point's validation accuracy) and, unless quick, the chosen values at the
+    end of the protocol's YAML."""
+    lines = ["| row | grid point | validation last acc % |", "|---|---|---|"]
+    chosen = {}
+    for name, points in results.items():
+        best = max(points, key=lambda p: -1 if p[1] is None else p[1])
+        chosen[name] = dict(best[0], validation_accuracy=None if best[1] is None else round(best[1], 4))
+        for point, acc in points:
+            mark = " **chosen**" if point is best[0] else ""
+            lines.append(f"| {name} | {_tag(point)}{mark} | {'diverged' if acc is None else f'{100 * acc:.1f}'} |")
+    (out / "selection.md").write_text("\n".join(lines) + "\n")
+    if write_back:
+        import yaml
+
+        path = Path(proto["path"])
+        text = path.read_text()
+        head = text.split(MARKER)[0].rstrip() + "\n\n"
+        block = yaml.safe_dump({"selected": chosen}, sort_keys=False, default_flow_style=None)
+        path.write_text(head + MARKER + "\n" + block)
+    proto["selected"] = chosen
+
+
+def _apply_selection(proto: dict, runs: list) -> list:
+    """The main runs with each row's chosen values (its own, or ``lr_from``'s lr)."""
+    out = []
+    for row, scenario, seed, point, opts, run_dir in runs:
+        src = row.get("lr_from") or row["name"]
+        chosen = {k: v for k, v in (proto["selected"].get(src) or {}).items() if k != "validation_accuracy"}
+        if row.get("lr_from"):
+            chosen = {"lr": chosen["lr"]} if "lr" in chosen else {}
+        out.append((row, scenario, seed, point, dict(opts, **chosen), run_dir))
+    return out
+
+
+def _describe(res: dict | None) -> str:
+    if not res:
+        return "no result"
+    if res.get("stopped"):
+        return f"diverged at experience {res['stopped'].get('experience')}"
+    txt = f"last {100 * res['A_last']:.1f} %"
+    if res.get("average_forgetting") is not None:
+        txt += f", forgetting {100 * res['average_forgetting']:.1f}"
+    if res.get("pretraining_retention"):
+        txt += f", retention {100 * res['pretraining_retention'][-1]:.1f} %"
+    return txt + f" ({res.get('wall_time_s', 0):.0f} s)"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m experiments.suite", description=__doc__.split("\n\n")[0])
+    p.add_argument("--protocol", required=True, help="q1, q2 (experiments/configs/suite/<name>.yaml) or a YAML path")
+    p.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")], help="comma-separated (default: the "
+                                                                                     "protocol's)")
+    p.add_argument("--quick", action="store_true", help="a few images per run, one seed: the smoke test")
+    p.add_argument("--out", help="output folder (default runs/suite-<protocol>[-quick])")
+    p.add_argument("--threads", type=int, default=2, help="torch threads of each run (default 2)")
+    p.add_argument("--only", help="comma-separated row names (default: all)")
+    p.add_argument("--reselect", action="store_true", help="choose the learning rates again even if the protocol has "
+                                                          "them")
+    a = p.parse_args(argv)
+    try:
+        proto = load_protocol(a.protocol)
+        if a.only:
+            keep = set(a.only.split(","))
+            unknown = keep - {r["name"] for r in proto["rows"]}
+            if unknown:
+                raise ValueError(f"--only: no row(s) {sorted(unknown)} in {proto['path']}.")
+            proto["rows"] = [r for r in proto["rows"] if r["name"] in keep]
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    seeds = a.seeds or (proto["seeds"][:1] if a.quick else proto["seeds"])
+    out = Path(a.out or f"runs/suite-{proto['protocol']}{'-quick' if a.quick else ''}")
+    out.mkdir(parents=True, exist_ok=True)
+    selection, runs = plan(proto, quick=a.quick, seeds=seeds, out=out)
+    t0 = time.time()
+    try:
+        # 1. learning rates on the validation split (skipped for rows the protocol already has, unless --reselect)
+        todo = [s for s in selection if a.quick or a.reselect or s[0]["name"] not in proto["selected"]]
+        by_row: dict = {}
+        for k, (row, scenario, seed, point, opts, run_dir) in enumerate(todo, 1):
+            res, how = run_one(opts, run_dir, threads=a.threads, in_process=a.quick)
+            acc = res["A_last"] if res and res.get("finished") else None
+            by_row.setdefault(row["name"], []).append((point, acc))
+            print(f"[select {k}/{len(todo)}] {proto['protocol']} {row['name']} {_tag(point)}: validation "
+                  f"{_describe(res)} [{how}]", flush=True)
+        if by_row:
+            kept = {n: v for n, v in proto["selected"].items() if n not in by_row}
+            _write_selection(proto, by_row, out, write_back=not a.quick)
+            proto["selected"].update(kept)
+        runs = _apply_selection(proto, runs)
+        # 2. every row, seed and scenario; tables, claims and figures rewritten after each run
+        for k, (row, scenario, seed, _, opts, run_dir) in enumerate(runs, 1):
+            res, how = run_one(opts, run_dir, threads=a.threads, in_process=a.quick)
+            print(f"[{k}/{len(runs)}] {proto['protocol']} {scenario} {row['name']} seed {seed}: {_describe(res)} "
+                  f"[{how}]", flush=True)
+            if how != "done before" or k == len(runs):
+                table = aggregate(proto, runs)
+                write_tables(proto, table, out)
+                write_claims(proto, claims(proto, table), out)
+                write_figures(proto, table, out)
+    except KeyboardInterrupt:
+        print(f"interrupted: finished runs are kept in {out}; the same command continues.", file=sys.stderr)
+        return 130
+    except (RuntimeError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    table = aggregate(proto, runs)
+    (out / "summary.json").write_text(json.dumps(dict(
+        protocol=proto["protocol"], seeds=seeds, quick=a.quick, wall_time_s=time.time() - t0,
+        selected=proto["selected"], machine=dict(cpu_count=os.cpu_count(), threads=a.threads)), indent=2))
+    print(f"tables, claims and figures in {out} ({time.time() - t0:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
