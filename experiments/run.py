@@ -219,6 +219,11 @@ def resolve_method(cfg: dict) -> tuple:
         if key in _DERIVED or key == "target_modules" or key not in cfg:
             continue
         unset = cfg[key] is None or (key == "per_task_bn" and cfg[key] is False)
+        if key == "masked_loss" and getattr(cls, "always_masked", False):
+            if cfg[key] is False:
+                raise ValueError(f"{method} always trains with the masked loss (its official code masks whatever "
+                                 "the flag says); drop --no-masked-loss.")
+            continue
         if not unset and key not in opts:
             raise ValueError(f"--{key.replace('_', '-')} is not an option of {method} (it is one of "
                              f"{', '.join(owners)}); drop it or pick one of those methods.")
@@ -322,6 +327,8 @@ def parse_config(argv=None) -> dict:
     for k, v in kwargs.items():  # the run's config says what ran
         if k in cfg:
             cfg[k] = v
+    if getattr(REGISTRY[cfg["method"]], "always_masked", False):
+        cfg["masked_loss"] = True
     training = recipe.as_dict()
     for k in TRAINING_OPTIONS:
         cfg[k] = training[k]

@@ -7,7 +7,8 @@ A protocol is a YAML file in ``experiments/configs/suite/`` (``common`` run opti
 
 1. chooses each row's learning rate (and any other ``tune``-d option) on a **validation split** carved from the
    training data (``experiments.run --validation``; the test set is never seen), on the selection seed and scenario,
-   from the row's grid (multiples of the method's own default lr), and writes the chosen values at the end of the
+   from the row's grid (multiples of the method's own default lr; when the best is at an end of the grid, the grid
+   grows by a factor of 3 that way, at most ``max_extensions`` times), and writes the chosen values at the end of the
    protocol's YAML (below the marker line) and into ``<out>/selection.md``;
 2. runs every row, seed and scenario (seeds outermost, so the first seed of every row comes first), each as its own
    ``python -m experiments.run`` process writing ``<out>/runs/<scenario>/<row>/seed<seed>/``;
@@ -128,6 +129,22 @@ def _grid(proto: dict, row: dict) -> list[dict]:
     for key, values in tune.items():
         points = [dict(p, **{key: v}) for p in points for v in values]
     return points
+
+
+def _extend(results: list, budget: int) -> float | None:
+    """The next lr to try when the best validation accuracy sits at an end of the lrs tried so far (a third of the
+    smallest, or three times the largest; the smallest's third when every run diverged), else ``None``."""
+    if budget <= 0 or not results:
+        return None
+    lrs = sorted({p["lr"] for p, _ in results})
+    if all(acc is None for _, acc in results):
+        return float(f"{lrs[0] / 3:.3g}")
+    best = max(results, key=lambda p: -1 if p[1] is None else p[1])[0]["lr"]
+    if len(lrs) > 1 and best == lrs[0]:
+        return float(f"{lrs[0] / 3:.3g}")
+    if len(lrs) > 1 and best == lrs[-1]:
+        return float(f"{lrs[-1] * 3:.3g}")
+    return None
 
 
 def _tag(point: dict) -> str:
@@ -559,15 +576,31 @@ def main(argv=None) -> int:
     selection, runs = plan(proto, quick=a.quick, seeds=seeds, out=out)
     t0 = time.time()
     try:
-        # 1. learning rates on the validation split (skipped for rows the protocol already has, unless --reselect)
+        # 1. learning rates on the validation split (skipped for rows the protocol already has, unless --reselect);
+        # a best lr at an end of the grid extends the grid by a factor of 3 that way (at most twice)
         todo = [s for s in selection if a.quick or a.reselect or s[0]["name"] not in proto["selected"]]
         by_row: dict = {}
-        for k, (row, scenario, seed, point, opts, run_dir) in enumerate(todo, 1):
-            res, how = run_one(opts, run_dir, threads=a.threads, in_process=a.quick)
-            acc = res["A_last"] if res and res.get("finished") else None
-            by_row.setdefault(row["name"], []).append((point, acc))
-            print(f"[select {k}/{len(todo)}] {proto['protocol']} {row['name']} {_tag(point)}: validation "
-                  f"{_describe(res)} [{how}]", flush=True)
+        k = 0
+        for name in dict.fromkeys(s[0]["name"] for s in todo):
+            entries = [s for s in todo if s[0]["name"] == name]
+            row, scenario, seed, _, opts0, _ = entries[0]
+            extensions = 0
+            while entries:
+                for row, scenario, seed, point, opts, run_dir in entries:
+                    k += 1
+                    res, how = run_one(opts, run_dir, threads=a.threads, in_process=a.quick)
+                    acc = res["A_last"] if res and res.get("finished") else None
+                    by_row.setdefault(name, []).append((point, acc))
+                    print(f"[select {k}] {proto['protocol']} {name} {_tag(point)}: validation {_describe(res)} "
+                          f"[{how}]", flush=True)
+                entries = []
+                new_lr = _extend(by_row[name], proto["selection"].get("max_extensions", 2) - extensions)
+                if new_lr is not None and not a.quick:
+                    extensions += 1
+                    best = max(by_row[name], key=lambda p: -1 if p[1] is None else p[1])[0]
+                    point = dict(best, lr=new_lr)
+                    opts = dict(opts0, **point)
+                    entries = [(row, scenario, seed, point, opts, run_dir.parent / _tag(point))]
         if by_row:
             kept = {n: v for n, v in proto["selected"].items() if n not in by_row}
             _write_selection(proto, by_row, out, write_back=not a.quick)

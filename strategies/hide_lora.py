@@ -447,6 +447,7 @@ class HiDeLoRA(MethodStrategy):
     20 epochs. The HiDe options are those of :class:`HiDeLoRAPlugin`.
     """
 
+    always_masked = True  # the code's --train_mask is type=bool, default True: any value masks
     name = "hide_lora"
     recipe = TrainingRecipe(optimizer="adam", lr=0.01, lr_batch_reference=256,
                             source="thu-ml/HiDe-PET@5811702 trainers/hidelora_trainer.py L85-91; "
