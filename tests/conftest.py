@@ -15,6 +15,24 @@ if str(ROOT) not in sys.path:
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
+# what makes a test `slow` (deselect with `pytest -m "not slow"`): real data or pretrained weights, other processes
+# (subprocess, torchrun), notebooks, benchmarks, whole CLI runs; the rest are unit tests on made tensors and data
+_SLOW_FIXTURES = {"cifar10_npz", "mnist_npz", "resnet32_weights", "mobilenet_v2_weights"}
+# end-to-end: whole runs through the CLI or a strategy over real-size models, each seconds to a minute
+_SLOW_FILES = {"test_notebooks.py", "test_bench.py", "test_suite.py", "test_run.py", "test_reliability.py",
+               "test_zoo.py"}
+
+
+def pytest_collection_modifyitems(config, items):
+    import inspect
+
+    for item in items:
+        fn = getattr(item, "function", None)
+        source = inspect.getsource(fn) if fn is not None else ""
+        if (_SLOW_FIXTURES & set(getattr(item, "fixturenames", ()))) or item.path.name in _SLOW_FILES \
+                or "subprocess" in source or "torchrun" in source:
+            item.add_marker(pytest.mark.slow)
+
 
 def _shared(env: str, rel: str) -> Path:
     root = os.environ.get(env)

@@ -145,6 +145,7 @@ def _masked_run(name, replay=False, lwf=False):
     return model, _accuracy(model, bm.test_stream[:1])
 
 
+@pytest.mark.slow  # three strategies trained per method
 @pytest.mark.parametrize("name", MASKED)
 def test_replay_does_not_hurt_and_lwf_is_not_a_no_op_for_masked_methods(name):
     plain, acc_plain = _masked_run(name)

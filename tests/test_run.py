@@ -20,7 +20,7 @@ def test_config_file_then_cli_override(tmp_path):
 
 @pytest.mark.parametrize(
     "text,match",
-    [("methd: naive\n", "unknown option"), ("method: ewc\n", "Unknown method 'ewc'"),
+    [("methd: naive\n", "unknown option"), ("method: ewc_plus\n", "Unknown method 'ewc_plus'"),
      ("epochs: 0\n", "--epochs must be an integer >= 1"), ("benchmark: arrays\n", "needs --data"),
      ("task_incremental: true\neval_on: all\n", "cannot go with --task-incremental")],
 )
