@@ -1,0 +1,240 @@
+"""The comparison baselines (``--method ewc | lwf | replay | ncm | linear_probe | joint``), ``--replay``,
+``--validation`` and the suite's pieces, each against a reference written here."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from avalanche.training.plugins import EvaluationPlugin
+from torch import nn
+
+from experiments.run import parse_config, summarize
+
+
+def _features(model, x):
+    """The head's input, by a forward hook (the reference needs the features NCM's means are made of)."""
+    from models import find_head
+
+    out = []
+    h = find_head(model)[1].register_forward_hook(lambda m, i, o: out.append(i[0]))
+    with torch.no_grad():
+        model.eval()(x)
+    h.remove()
+    return out[0]
+
+
+def _stack(dataset):
+    xs, ys = zip(*[(dataset[i][0], dataset[i][1]) for i in range(len(dataset))])
+    return torch.stack(xs), torch.tensor(ys)
+
+
+@pytest.mark.parametrize("metric", ["euclidean", "cosine"])
+def test_ncm_predicts_the_nearest_class_mean(tiny_bm, metric):
+    """Nearest class mean by hand (means of the training features of every class seen, argmin distance or argmax
+    cosine) equals the model's prediction after the strategy's passes, and nothing else moved."""
+    from models import cifar_resnet
+    from strategies.ncm import NearestClassMean
+
+    model = cifar_resnet(20, 10)
+    before = {k: v.clone() for k, v in model.state_dict().items() if not k.startswith("linear.")}  # all but the head
+    s = NearestClassMean(model=model, metric=metric, train_mb_size=8, evaluator=EvaluationPlugin(loggers=[]))
+    for exp in tiny_bm.train_stream:
+        s.train(exp)
+    xs, ys = zip(*[_stack(exp.dataset.eval()) for exp in tiny_bm.train_stream])
+    f, y = _features(model, torch.cat(xs)), torch.cat(ys)
+    classes = sorted(set(y.tolist()))
+    mu = torch.stack([f[y == c].double().mean(0) for c in classes])
+    xt, _ = _stack(tiny_bm.test_stream[0].dataset)
+    ft = _features(model, xt).double()
+    if metric == "euclidean":
+        ref = torch.cdist(ft, mu).argmin(1)
+    else:
+        ref = (nn.functional.normalize(ft, dim=1) @ nn.functional.normalize(mu, dim=1).T).argmax(1)
+    expected = torch.tensor(classes)[ref]
+    with torch.no_grad():
+        assert torch.equal(model.eval()(xt).argmax(1), expected)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items()), "the backbone must not move"
+    assert expected.unique().numel() > 1  # a real choice among the means
+
+
+def test_ncm_task_incremental_fills_each_tasks_head(tiny_bm):
+    """Task-IL: each task's head holds its own classes' means; classes are local ids from 0 in each task."""
+    from experiments.benchmarks import split_cifar10
+    from models import TaskIncrementalClassifier, cifar_resnet
+    from strategies.ncm import NearestClassMean
+
+    path = tiny_bm.data_source.split(":", 1)[1]
+    bm = split_cifar10(2, seed=0, data=path, return_task_id=True)
+    model = TaskIncrementalClassifier(cifar_resnet(20, 10), 5)
+    s = NearestClassMean(model=model, train_mb_size=8, evaluator=EvaluationPlugin(loggers=[]))
+    for exp in bm.train_stream:
+        s.train(exp)
+    for t, exp in enumerate(bm.train_stream):
+        x, y = _stack(exp.dataset.eval())
+        with torch.no_grad():
+            f = model.eval().backbone(x).double()
+        head = model.head.classifiers[str(t)].classifier
+        for c in y.unique().tolist():
+            mu = f[y == c].mean(0)
+            torch.testing.assert_close(head.weight[c].double(), mu, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(head.bias[c].double(), -0.5 * mu.pow(2).sum(), rtol=1e-5, atol=1e-4)
+
+
+def test_linear_probe_trains_only_the_head(tiny_bm):
+    from models import cifar_resnet
+    from strategies.linear_probe import LinearProbe
+
+    model = cifar_resnet(20, 10)
+    before = {k: v.clone() for k, v in model.named_parameters()}
+    s = LinearProbe(model=model, train_mb_size=8, evaluator=EvaluationPlugin(loggers=[]))
+    s.train(tiny_bm.train_stream[0])
+    moved = {k for k, v in model.named_parameters() if not torch.equal(v, before[k])}
+    assert moved == {"linear.weight", "linear.bias"}
+
+
+def test_ewc_reports_what_it_stores(tiny_bm):
+    """Stored = model + one copy of every parameter and one importance per parameter, per experience (separate)."""
+    from models import cifar_resnet
+    from strategies.ewc import EWC
+    from strategies.metrics import parameter_report
+
+    model = cifar_resnet(20, 10)
+    n = sum(p.numel() for p in model.parameters())
+    s = EWC(model=model, ewc_lambda=10.0, train_mb_size=8, evaluator=EvaluationPlugin(loggers=[]))
+    for k, exp in enumerate(tiny_bm.train_stream, 1):
+        s.train(exp)
+        rep = parameter_report(s)
+        assert rep["stored"] == n + 2 * k * n and rep["inference"] == n
+
+
+def test_lwf_reports_its_teacher(tiny_bm):
+    from models import cifar_resnet
+    from strategies.lwf import LwF
+    from strategies.metrics import parameter_report
+
+    model = cifar_resnet(20, 10)
+    n = sum(p.numel() for p in model.parameters())
+    s = LwF(model=model, train_mb_size=8, evaluator=EvaluationPlugin(loggers=[]))
+    s.train(tiny_bm.train_stream[0])
+    assert parameter_report(s)["stored"] == 2 * n
+
+
+def test_joint_trains_once_on_every_experience(tiny_bm):
+    """One training call sees the whole stream (every class's images), the heads of every task exist."""
+    from models import cifar_resnet
+    from strategies.joint import Joint
+
+    model = cifar_resnet(20, 10)
+    s = Joint(model=model, train_mb_size=16, evaluator=EvaluationPlugin(loggers=[]))
+    s.train(list(tiny_bm.train_stream))
+    seen = s.adapted_dataset.targets
+    assert sorted(set(seen)) == list(range(10))
+    assert len(seen) == sum(len(e.dataset) for e in tiny_bm.train_stream)
+    with pytest.raises(Exception, match="trained only once"):
+        s.train(list(tiny_bm.train_stream))
+
+
+def test_summarize_joint_is_one_row_without_forgetting():
+    r = summarize([[0.5, 0.7, 0.9]], joint=True)
+    assert r["A_last"] == pytest.approx(0.7) and r["A_avg"] is None and r["average_forgetting"] is None
+
+
+def test_validation_is_held_out_of_training_balanced_and_never_the_test_set(tmp_path):
+    """``--validation N``: N training images per experience (N / classes each), none of them trained on, none from
+    the test set; the training subset is drawn from the rest."""
+    from experiments.benchmarks import arrays_benchmark
+
+    y = np.repeat(np.arange(4), 30)
+    x = np.arange(len(y) * 16, dtype=np.int64).reshape(len(y), 4, 4) % 251  # every image distinct
+    x = np.stack([np.full((4, 4), i % 256, dtype=np.uint8) + 0 for i in range(len(y))])
+    x[:, 0, 0] = np.arange(len(y)) // 256
+    x[:, 0, 1] = np.arange(len(y)) % 256
+    xt = x.copy()
+    xt[:, 1, 1] = 255  # test images differ from every training image
+    np.savez(tmp_path / "d.npz", x_train=x, y_train=y, x_test=xt, y_test=y)
+    bm = arrays_benchmark(tmp_path / "d.npz", 2, seed=0, validation=10, subset=20, to_rgb=False,
+                          normalization=((0.0,), (1.0,)))
+
+    def ids(ds):
+        out = []
+        for i in range(len(ds)):
+            img = ds[i][0]
+            out.append(int(round(float(img[0, 0, 0]) * 255)) * 256 + int(round(float(img[0, 0, 1]) * 255)))
+        return out
+
+    val = [i for e in bm.test_stream for i in ids(e.dataset)]
+    train = [i for e in bm.train_stream for i in ids(e.dataset)]
+    assert len(val) == 20 and len(train) == 40  # 5 per class, 10 per class
+    assert not set(val) & set(train)
+    assert all(0 <= i < len(y) for i in val)  # ids of training images, not test images
+    assert sorted(np.bincount(y[val])) == [5, 5, 5, 5]
+
+
+def test_replay_flag_composes_and_refuses_what_it_cannot_do(tmp_path):
+    cfg = parse_config(["--method", "sd_lora", "--replay", "50", "--out", str(tmp_path / "a")])
+    assert cfg["replay"] == 50
+    with pytest.raises(ValueError, match="--mem-size"):
+        parse_config(["--method", "replay", "--replay", "50"])
+    with pytest.raises(ValueError, match="joint"):
+        parse_config(["--method", "joint", "--replay", "50"])
+    with pytest.raises(SystemExit):
+        parse_config(["--method", "naive", "--replay", "many"])
+    with pytest.raises(ValueError, match="--replay must be an integer >= 1"):
+        parse_config(["--method", "naive", "--replay", "0"])
+
+
+def test_suite_grid_extends_only_at_its_ends():
+    from experiments.suite import _extend
+
+    runs = lambda accs: [({"lr": lr}, a) for lr, a in zip((0.003, 0.01, 0.03), accs)]  # noqa: E731
+    assert _extend(runs([0.9, 0.6, 0.5]), 2) == 0.001
+    assert _extend(runs([0.5, 0.6, 0.9]), 2) == 0.09
+    assert _extend(runs([0.5, 0.9, 0.6]), 2) is None
+    assert _extend(runs([None, None, None]), 1) == 0.001  # everything diverged: go lower
+    assert _extend(runs([None, 0.6, 0.5]), 1) is None
+    assert _extend(runs([0.9, 0.6, 0.5]), 0) is None  # no extension left
+
+
+def test_suite_protocols_load_and_name_what_is_missing(monkeypatch):
+    from experiments.suite import _cli, load_protocol, plan
+
+    monkeypatch.setenv("LOWRANK_CL_DATA", "/data")
+    monkeypatch.setenv("LOWRANK_CL_WEIGHTS", "/weights")
+    for name in ("q1", "q2"):
+        proto = load_protocol(name)
+        selection, runs = plan(proto, quick=False, seeds=proto["seeds"], out=__import__("pathlib").Path("/o"))
+        rows = {r["name"] for r in proto["rows"]}
+        assert {"naive", "ewc", "lwf", "replay", "ncm", "linear_probe", "joint"} <= rows
+        assert {"merge_lora", "codyra", "eblora", "inflora", "sd_lora", "o_lora", "hide_lora"} <= rows
+        assert all("validation" in o for *_, o, _ in selection) and not any("validation" in o for *_, o, _ in runs)
+        assert all(o["seed"] == proto["selection"]["seed"] for *_, o, _ in selection)
+        assert {o["seed"] for *_, o, _ in runs} == set(proto["seeds"])
+        args = _cli(runs[0][4])
+        assert "--class-incremental" in args or "--task-incremental" in args
+        assert not any("$" in a for a in args)  # environment expanded
+    monkeypatch.delenv("LOWRANK_CL_DATA")
+    with pytest.raises(ValueError, match=r"needs \$LOWRANK_CL_DATA"):
+        load_protocol("q2")
+    with pytest.raises(ValueError, match="No protocol 'q9'"):
+        load_protocol("q9")
+
+
+def test_cifar_validation_is_held_out_of_training(tmp_path):
+    """The same for Split CIFAR (arrays source): validation images come from the training set, never trained on."""
+    from experiments.benchmarks import split_cifar10
+
+    y = np.repeat(np.arange(10), 12)
+    x = np.zeros((len(y), 32, 32, 3), dtype=np.uint8)
+    x[:, 0, 0, 0], x[:, 0, 0, 1] = np.arange(len(y)) // 256, np.arange(len(y)) % 256
+    np.savez(tmp_path / "c.npz", x_train=x, y_train=y, x_test=x[:20] + 1, y_test=y[:20])
+    bm = split_cifar10(5, seed=0, data=tmp_path / "c.npz", validation=4, normalization=((0, 0, 0), (1, 1, 1)))
+
+    def ids(ds):
+        return [int(round(float(ds[i][0][0, 0, 0]) * 255)) * 256 + int(round(float(ds[i][0][1, 0, 0]) * 255))
+                for i in range(len(ds))]
+
+    val = [i for e in bm.test_stream for i in ids(e.dataset.eval())]
+    train = [i for e in bm.train_stream for i in ids(e.dataset.eval())]
+    assert len(val) == 20 and len(train) == 100 and not set(val) & set(train)
+    assert sorted(set(val) | set(train)) == list(range(len(y)))
