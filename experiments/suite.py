@@ -185,6 +185,26 @@ def _load(run_dir: Path) -> dict | None:
         return None
 
 
+def _matches(res: dict, opts: dict) -> bool:
+    """Whether a run's recorded config is the one ``opts`` asks for (a finished run of an older protocol is not)."""
+    cfg = res.get("config", {})
+    for k, v in opts.items():
+        if k == "scenario":
+            if cfg.get("task_incremental") != (v == "task_il"):
+                return False
+            continue
+        got = cfg.get(k)
+        if isinstance(v, (list, tuple)) or isinstance(got, (list, tuple)):
+            if list(v or []) != list(got or []):
+                return False
+        elif isinstance(v, float) or isinstance(got, float):
+            if got is None or v is None or abs(float(got) - float(v)) > 1e-12 * max(1.0, abs(float(v))):
+                return False
+        elif str(got) != str(v):
+            return False
+    return True
+
+
 def _done(res: dict | None) -> bool:
     return bool(res) and (res.get("finished") or bool(res.get("stopped")))
 
@@ -211,8 +231,11 @@ def run_one(opts: dict, run_dir: Path, *, threads: int, in_process: bool = False
     """Run (or resume, or skip) one ``experiments.run``; ``(results, what happened)``. A configuration error
     stops the suite (it is a bug of the protocol, not a result)."""
     res = _load(run_dir)
-    if _done(res):
+    if _done(res) and _matches(res, opts):
         return res, "done before"
+    if res is not None and not _matches(res, opts):  # the protocol changed since: this run is not one of its rows
+        stale = run_dir.with_name(run_dir.name + f".stale-{int(time.time())}")
+        run_dir.rename(stale)
     env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", OMP_NUM_THREADS=str(threads))
     base = [sys.executable, "-m", "experiments.run", *_cli(opts), "--out", str(run_dir), "--threads", str(threads),
             "--no-progress"]

@@ -238,3 +238,23 @@ def test_cifar_validation_is_held_out_of_training(tmp_path):
     train = [i for e in bm.train_stream for i in ids(e.dataset.eval())]
     assert len(val) == 20 and len(train) == 100 and not set(val) & set(train)
     assert sorted(set(val) | set(train)) == list(range(len(y)))
+
+
+def test_suite_reruns_a_finished_run_of_another_protocol(tmp_path, monkeypatch):
+    """A finished run whose recorded config differs from what the protocol now asks (e.g. fewer images) is moved
+    aside and run again; one that matches is skipped."""
+    import json
+
+    from experiments import suite
+
+    run_dir = tmp_path / "r"
+    run_dir.mkdir()
+    cfg = dict(method="naive", subset=1000, lr=0.01, task_incremental=True, betas=[0.9, 0.999])
+    (run_dir / "results.json").write_text(json.dumps(dict(config=cfg, finished=True, A_last=0.5)))
+    opts = dict(method="naive", subset=1000, lr=0.01, scenario="task_il", betas=[0.9, 0.999])
+    assert suite.run_one(opts, run_dir, threads=1)[1] == "done before"
+    calls = []
+    monkeypatch.setattr(suite, "_execute", lambda cmd, log, env, inp: (calls.append(cmd), (0, ""))[1])
+    for changed in (dict(opts, subset=500), dict(opts, scenario="class_il"), dict(opts, lr=0.003)):
+        suite.run_one(changed, run_dir, threads=1)
+    assert len(calls) == 3 and len(list(tmp_path.glob("r.stale-*"))) >= 1
