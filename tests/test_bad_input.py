@@ -32,6 +32,9 @@ CATALOGUE = [
     ("--max-kappa", ["--method", "inflora", "--max-kappa", "0.1"], "--max-kappa is not an option of inflora"),
     ("--dense-fraction", ["--method", "codyra", "--dense-fraction", "1.5"], "dense_fraction must be in [0, 1)"),
     ("--lamb", ["--method", "inflora", "--lamb", "1.5"], "0 < lamb <= lame <= 1"),
+    ("--replay", ["--method", "replay", "--replay", "5"], "set its size with --mem-size, not --replay"),
+    ("--validation", ["--validation", "0"], "--validation must be an integer >= 1"),
+    ("--validation", ["--validation", "8"], "too few to hold out 4 and still train"),
 ]
 
 
