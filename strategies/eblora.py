@@ -181,7 +181,10 @@ class EBLoRAPlugin(AdapterPluginMixin, SupervisedPlugin, supports_distributed=Tr
                 P, _, Q = torch.svd_lowrank(Gt, q=k, niter=4)
                 if F.numel():  # exact orthogonality to F, then orthonormal again
                     P = P - F64 @ (F64.T @ P)
-                P, _ = torch.linalg.qr(P)
+                # orthonormal again; QR may flip a column's sign, which must not break its pairing with Q's
+                # column (the code's B A = Q Pᵀ, the top-k part of the gradient's SVD)
+                P, R = torch.linalg.qr(P)
+                P = P * torch.where(torch.diagonal(R) < 0, -1.0, 1.0).to(P)
                 pad = layer.r - k
                 layer.set_factors(nn.functional.pad(polar(Q), (0, pad)).to(layer.lora_B.dtype),
                                   nn.functional.pad(P, (0, pad)).to(layer.lora_A.dtype))

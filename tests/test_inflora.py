@@ -103,3 +103,22 @@ def test_inflora_refuses_grouped_convs():
     with pytest.raises(ValueError, match="ungrouped conv"):
         strategy.method_plugin.prepare(model)
     assert not any(isinstance(m, SumLoRAMixin) for m in model.modules()), "the model must be left untouched"
+
+
+@pytest.mark.parametrize("conv", [dict(kernel_size=3, padding=1), dict(kernel_size=3, stride=2, padding=2, dilation=2),
+                                  dict(kernel_size=(3, 5), stride=(1, 2), padding=(1, 2)), dict(kernel_size=1)])
+def test_subsampled_patches_are_unfolds_columns(conv):
+    """The covariance's subsampled conv patches (``cov_positions``) are exactly ``F.unfold``'s at the drawn
+    positions, and all of them without subsampling."""
+    import torch.nn.functional as F
+    from torch import nn
+
+    from strategies.inflora import _patches
+
+    c = nn.Conv2d(3, 4, **conv)
+    x = torch.randn(2, 3, 9, 10)
+    full = F.unfold(x, c.kernel_size, dilation=c.dilation, padding=c.padding, stride=c.stride).transpose(1, 2)
+    keep = torch.randperm(full.shape[1], generator=torch.Generator().manual_seed(3))[:5]
+    torch.testing.assert_close(_patches(x, c, 5, torch.Generator().manual_seed(3)), full[:, keep])
+    assert torch.equal(_patches(x, c, None, torch.Generator()), full)
+    assert torch.equal(_patches(x, c, 10_000, torch.Generator()), full)
