@@ -38,7 +38,8 @@ SUPPORTED_TYPES = (nn.Linear, nn.Conv2d)
 def auto_targets(model: nn.Module) -> Target:
     """``target_modules="auto"``: every 3×3 conv of a CIFAR ResNet's stages; ``attn.qkv``, ``attn.proj``,
     ``mlp.fc1``, ``mlp.fc2`` of a ViT (timm's ``blocks.*``); otherwise every ``nn.Linear`` and ungrouped
-    ``nn.Conv2d`` except the classifier head (:func:`find_head`)."""
+    ``nn.Conv2d`` except the classifier head (:func:`find_head`) and the ``out_proj`` of an
+    ``nn.MultiheadAttention``, which reads that weight directly."""
     from .backbones import CifarResNet
 
     if isinstance(model, CifarResNet) or isinstance(getattr(model, "backbone", None), CifarResNet):
@@ -48,9 +49,12 @@ def auto_targets(model: nn.Module) -> Target:
         return ["attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"]
     head = find_head(model)
     head_name = head[0] if head is not None else None
+    # nn.MultiheadAttention reads out_proj.weight itself (torchvision's ViT): a wrapper there breaks its forward
+    inside_mha = {f"{n}.out_proj" if n else "out_proj" for n, m in model.named_modules()
+                  if isinstance(m, nn.MultiheadAttention)}
 
     def pred(name: str, module: nn.Module) -> bool:
-        if name == head_name:
+        if name == head_name or name in inside_mha:
             return False
         return isinstance(module, nn.Linear) or (isinstance(module, nn.Conv2d) and module.groups == 1)
 
@@ -140,10 +144,14 @@ def add_lora(
         trainable_modules = [head[0]] if head is not None else None
 
     targets, unsupported, already = [], [], []
+    inside_mha = {f"{n}.out_proj" if n else "out_proj" for n, m in model.named_modules()
+                  if isinstance(m, nn.MultiheadAttention)}
     for name, module in model.named_modules():
         if not name or matches(name, module, exclude_modules) or not matches(name, module, target_modules):
             continue
-        if isinstance(module, LoRALayer):
+        if name in inside_mha:
+            unsupported.append(f"{name} (the out_proj of an nn.MultiheadAttention, which reads its weight directly)")
+        elif isinstance(module, LoRALayer):
             already.append(name)
         elif isinstance(module, SUPPORTED_TYPES):
             if name.endswith(".base_layer") and isinstance(model.get_submodule(name.rpartition(".")[0]), LoRALayer):

@@ -189,6 +189,8 @@ def warn_unfrozen_batchnorm(strategy) -> None:
     model = unwrap(strategy.model)
     if getattr(strategy, "_bn_warned", False) or any(isinstance(p, FreezeBatchNormPlugin) for p in strategy.plugins):
         return
+    if strategy.clock.train_exp_counter > 0:  # only what the model came with: later, statistics are its own training
+        return
     if any(isinstance(m, TaskBatchNorm) for m in model.modules()):
         return
     pretrained = [n for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)

@@ -131,7 +131,7 @@ class InfLoRAPlugin(ClassMaskMixin, AdapterPluginMixin, SupervisedPlugin, suppor
       k×k patch positions, a new draw per batch). A conv's patches have d = in·k·k dimensions, so the full
       product costs d/out ≈ k² times the conv itself at every position: over the whole experience the two passes
       cost several times the training (291 s against 80-96 s for the other methods on the retention protocol).
-      ``cov_samples=None`` reads every image and position, as the official code.
+      ``cov_samples=0`` reads every image and position, as the official code.
 
     :param target_modules, exclude_modules, trainable_modules: see :func:`models.add_lora` (Linear and ungrouped
         ``kxk_1x1`` Conv2d; the paper adapts K and V of every ViT block).
@@ -142,7 +142,7 @@ class InfLoRAPlugin(ClassMaskMixin, AdapterPluginMixin, SupervisedPlugin, suppor
     :param n_tasks: T in the threshold schedule; ``None`` takes the length of the training stream.
     :param cov_fraction: share of each experience used for the covariance passes (1.0, as the paper).
     :param cov_samples: rows per input dimension of each layer's covariance (its estimate of E[x xᵀ] is unbiased
-        either way); ``None``: every image (of ``cov_fraction``) and position, as the official code.
+        either way); 0: every image (of ``cov_fraction``) and position, as the official code.
     :param masked_loss: cross-entropy over the current experience's classes only (the paper's per-task heads).
     """
 
@@ -162,13 +162,13 @@ class InfLoRAPlugin(ClassMaskMixin, AdapterPluginMixin, SupervisedPlugin, suppor
         lame: float = 1.0,
         n_tasks: Optional[int] = None,
         cov_fraction: float = 1.0,
-        cov_samples: Optional[int] = 20,
+        cov_samples: int = 20,
         masked_loss: bool = True,
         seed: int = 0,
     ):
         super().__init__()
-        if cov_samples is not None and cov_samples < 1:
-            raise ValueError(f"cov_samples must be >= 1 (or None for every image and position), got {cov_samples}.")
+        if cov_samples is None or cov_samples < 0:
+            raise ValueError(f"cov_samples must be >= 1, or 0 for every image and position; got {cov_samples}.")
         self.cov_samples = cov_samples
         if not 0 < lamb <= lame <= 1:
             raise ValueError(f"InfLoRA needs 0 < lamb <= lame <= 1, got lamb={lamb}, lame={lame}.")
@@ -218,7 +218,7 @@ class InfLoRAPlugin(ClassMaskMixin, AdapterPluginMixin, SupervisedPlugin, suppor
         count = {n: 0 for n, _ in layers}
         gen = torch.Generator().manual_seed(self.seed + 7919 * len(self.subspace_history))
         fraction, positions = self.cov_fraction, {n: None for n, _ in layers}
-        if self.cov_samples is not None:  # the images (and conv positions) that give cov_samples · d rows per layer
+        if self.cov_samples:  # the images (and conv positions) that give cov_samples · d rows per layer
             available = max(1, round(self.cov_fraction * len(strategy.experience.dataset)))
             shapes = self._input_shapes(strategy, layers)  # {name: (d, rows per image)}
             images = min(available, max(math.ceil(self.cov_samples * d / L) for d, L in shapes.values()))
@@ -356,7 +356,7 @@ class InfLoRA(MethodStrategy):
         lame: float = 1.0,
         n_tasks: Optional[int] = None,
         cov_fraction: float = 1.0,
-        cov_samples: Optional[int] = 20,
+        cov_samples: int = 20,
         masked_loss: bool = True,
         **base_kwargs,
     ):

@@ -108,7 +108,7 @@ def test_inflora_refuses_grouped_convs():
 @pytest.mark.parametrize("conv", [dict(kernel_size=3, padding=1), dict(kernel_size=3, stride=2, padding=2, dilation=2),
                                   dict(kernel_size=(3, 5), stride=(1, 2), padding=(1, 2)), dict(kernel_size=1)])
 def test_subsampled_patches_are_unfolds_columns(conv):
-    """The covariance's subsampled conv patches (``cov_positions``) are exactly ``F.unfold``'s at the drawn
+    """The covariance's subsampled conv patches (``cov_samples``) are exactly ``F.unfold``'s at the drawn
     positions, and all of them without subsampling."""
     import torch.nn.functional as F
     from torch import nn
@@ -122,3 +122,25 @@ def test_subsampled_patches_are_unfolds_columns(conv):
     torch.testing.assert_close(_patches(x, c, 5, torch.Generator().manual_seed(3)), full[:, keep])
     assert torch.equal(_patches(x, c, None, torch.Generator()), full)
     assert torch.equal(_patches(x, c, 10_000, torch.Generator()), full)
+
+
+def test_covariance_pass_reads_only_the_images_it_needs(tiny_bm):
+    """``cov_samples``: a pass reads ceil(cov_samples · d / rows per image) images (the largest over the layers),
+    each conv then ceil(cov_samples · d / images) patch positions; 0 reads everything, as the official code."""
+    from avalanche.training.plugins import EvaluationPlugin
+    from torch import nn
+
+    from models import cifar_resnet
+
+    # layer3.0.conv1 reads layer2's 32 channels: d = 32·9 = 288 at 8·8 = 64 positions per image (stride 2)
+    for cs, expected_images in ((0, 40), (1, 5), (2, 9)):
+        model = cifar_resnet(20, 10)
+        s = InfLoRA(model=model, cov_samples=cs, target_modules=r"layer[13]\.0\.conv1", train_mb_size=8,
+                    evaluator=EvaluationPlugin(loggers=[]))
+        s.method_plugin.prepare(model)
+        s.experience, s.model = tiny_bm.train_stream[0], model
+        seen = []
+        model.register_forward_pre_hook(lambda m, a: seen.append(a[0].shape[0]))
+        covs = s.method_plugin.input_covariances(s)
+        assert sum(seen) - 1 * (cs > 0) == expected_images  # (+1: the probe image that reads the shapes)
+        assert all(torch.allclose(c, c.T) for c in covs.values())
