@@ -508,14 +508,7 @@ def test_inflora_refuses_loralib_before_any_work(tmp_path, capsys):
 
 # -- 6. bit-identical resume ------------------------------------------------------------------------------------------
 def _tensors(obj, prefix=""):
-    if isinstance(obj, torch.Tensor):
-        yield prefix, obj
-    elif isinstance(obj, dict):
-        for k, v in obj.items():
-            yield from _tensors(v, f"{prefix}.{k}")
-    elif isinstance(obj, (list, tuple)):
-        for i, v in enumerate(obj):
-            yield from _tensors(v, f"{prefix}.{i}")
+    return run_mod._tensors(obj, prefix)  # every tensor of a checkpoint by dotted path (a walk, not a formula)
 
 
 _RESUME_CASES = {

@@ -502,6 +502,15 @@ def test_eblora_svd_init_pairs_U_and_V_as_the_gradient_svd():
         torch.testing.assert_close(U @ V.T, Q_r @ P_r.T, atol=1e-5, rtol=0)
 
 
+class _Net(nn.Module):
+    """A Linear ``fc`` (adapted) and a 2-class head."""
+
+    def __init__(self, d_in: int, d_out: int):
+        super().__init__()
+        self.fc = nn.Linear(d_in, d_out)
+        self.head = nn.Linear(d_out, 2)
+
+
 def test_eblora_riemannian_step_with_protected_subspace_written_out():
     """One step of RiemannianAdamW (llava/train/riemannian_adam.py @ 5585607) on a 7 → 9 Linear, r = 3, with a
     protected F (7 × 2) on V: ``pre_step`` (L79-113) turns the gradients into ``gU - U (gUᵀ U)`` and, for V,
@@ -511,13 +520,7 @@ def test_eblora_riemannian_step_with_protected_subspace_written_out():
     removed first for V (L84-90). The optimizer's move is made by hand (a non-tangent random one)."""
     gen = torch.Generator().manual_seed(7)
 
-    class Net(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.fc = nn.Linear(7, 9)
-            self.head = nn.Linear(9, 2)
-
-    model = Net()
+    model = _Net(7, 9)
     plugin = EBLoRAPlugin(target_modules=["fc"], r=3)
     plugin.prepare(model)
     layer = model.fc
@@ -569,13 +572,7 @@ def test_eblora_end_of_task_merges_2_s_UVt_and_grows_F_from_the_merged_gradient(
     gen = torch.Generator().manual_seed(8)
     torch.manual_seed(8)
 
-    class Net(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.fc = nn.Linear(9, 7)
-            self.head = nn.Linear(7, 2)
-
-    model = Net()
+    model = _Net(9, 7)
     plugin = EBLoRAPlugin(target_modules=["fc"], r=3, energy_threshold=0.85)
     plugin.prepare(model)
     layer = model.fc
