@@ -581,6 +581,7 @@ def main(argv=None) -> int:
     p.add_argument("--only", help="comma-separated row names (default: all)")
     p.add_argument("--reselect", action="store_true", help="choose the learning rates again even if the protocol has "
                                                           "them")
+    p.add_argument("--status", action="store_true", help="print how many runs are finished, run nothing")
     a = p.parse_args(argv)
     try:
         proto = load_protocol(a.protocol)
@@ -597,6 +598,14 @@ def main(argv=None) -> int:
     out = Path(a.out or f"runs/suite-{proto['protocol']}{'-quick' if a.quick else ''}")
     out.mkdir(parents=True, exist_ok=True)
     selection, runs = plan(proto, quick=a.quick, seeds=seeds, out=out)
+    if a.status:
+        done = lambda items: sum(_done(_load(d)) for *_, d in items)  # noqa: E731
+        planned = {d for *_, d in selection}
+        extra = [d for d in out.glob("select/*/*") if d.is_dir() and d not in planned and _done(_load(d))]
+        print(f"{proto['protocol']} in {out}: selection {done(selection)}/{len(selection)} grid runs finished "
+              f"(+{len(extra)} extension runs), {len(proto['selected'])} rows chosen; main runs "
+              f"{done(runs)}/{len(runs)} finished")
+        return 0
     t0 = time.time()
     try:
         # 1. learning rates on the validation split (skipped for rows the protocol already has, unless --reselect);
