@@ -252,7 +252,7 @@ def run_one(opts: dict, run_dir: Path, *, threads: int, in_process: bool = False
         if code in (0, 3):  # 3: stopped by a non-finite loss, its finished experiences kept
             how = "resumed" if "--resume" in cmd else how
             return _load(run_dir), how
-        if code == 130:
+        if code == 130 or code < 0:  # Ctrl-C, or the run was killed by a signal: not a result, resume later
             raise KeyboardInterrupt
         if "--resume" in cmd:
             continue
