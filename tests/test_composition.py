@@ -88,6 +88,7 @@ def _naive_or_ours(name, ours: bool):
     return strategy, model, before
 
 
+@pytest.mark.slow  # two whole strategies trained per method
 @pytest.mark.parametrize("name", list(PLUGINS))
 def test_plugin_trains_inside_avalanche_naive_and_metrics_match_our_strategy(name):
     strategy, model, before = _naive_or_ours(name, ours=False)
@@ -289,6 +290,7 @@ def test_pretrained_batchnorm_in_train_mode_is_warned_once(resnet32_weights):
         s.train(bm.train_stream[0])
 
 
+@pytest.mark.slow  # two whole strategies trained per method
 @pytest.mark.parametrize("name", list(PLUGINS))
 def test_every_plugin_trains_inside_replay_with_lwf(name):
     torch.manual_seed(0)
