@@ -35,6 +35,12 @@ Target = Union[str, Iterable[str], Callable[[str, nn.Module], bool]]
 SUPPORTED_TYPES = (nn.Linear, nn.Conv2d)
 
 
+def _mha_out_projs(model: nn.Module) -> set[str]:
+    """Names of the ``out_proj`` of every ``nn.MultiheadAttention``: it reads that weight directly, so no wrapper."""
+    return {f"{n}.out_proj" if n else "out_proj" for n, m in model.named_modules()
+            if isinstance(m, nn.MultiheadAttention)}
+
+
 def auto_targets(model: nn.Module) -> Target:
     """``target_modules="auto"``: every 3×3 conv of a CIFAR ResNet's stages; ``attn.qkv``, ``attn.proj``,
     ``mlp.fc1``, ``mlp.fc2`` of a ViT (timm's ``blocks.*``); otherwise every ``nn.Linear`` and ungrouped
@@ -50,8 +56,7 @@ def auto_targets(model: nn.Module) -> Target:
     head = find_head(model)
     head_name = head[0] if head is not None else None
     # nn.MultiheadAttention reads out_proj.weight itself (torchvision's ViT): a wrapper there breaks its forward
-    inside_mha = {f"{n}.out_proj" if n else "out_proj" for n, m in model.named_modules()
-                  if isinstance(m, nn.MultiheadAttention)}
+    inside_mha = _mha_out_projs(model)
 
     def pred(name: str, module: nn.Module) -> bool:
         if name == head_name or name in inside_mha:
@@ -144,8 +149,7 @@ def add_lora(
         trainable_modules = [head[0]] if head is not None else None
 
     targets, unsupported, already = [], [], []
-    inside_mha = {f"{n}.out_proj" if n else "out_proj" for n, m in model.named_modules()
-                  if isinstance(m, nn.MultiheadAttention)}
+    inside_mha = _mha_out_projs(model)
     for name, module in model.named_modules():
         if not name or matches(name, module, exclude_modules) or not matches(name, module, target_modules):
             continue

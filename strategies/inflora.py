@@ -105,6 +105,22 @@ def _patches(x: torch.Tensor, conv: nn.Conv2d, positions: Optional[int], gen: to
     return p.permute(0, 2, 1, 3, 4).reshape(x.shape[0], positions, -1)
 
 
+def _hooked_pass(strategy, layers, make_hook, batches) -> None:
+    """The model in eval mode over ``batches`` of ``(x, task labels)`` with ``make_hook(name, layer)`` as a
+    forward pre-hook on every layer; hooks removed and the mode restored afterwards."""
+    model = unwrap(strategy.model)
+    handles = [m.register_forward_pre_hook(make_hook(n, m)) for n, m in layers]
+    was_training = model.training
+    model.eval()
+    try:
+        for x, t in batches:
+            avalanche_forward(model, x.to(strategy.device), t.to(strategy.device))
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+
+
 class InfLoRAPlugin(ClassMaskMixin, AdapterPluginMixin, SupervisedPlugin, supports_distributed=True):
     """One LoRA branch per task, summed with the frozen branches of earlier tasks; the new branch's A is *designed*
     from the task's input covariance projected by DualGPM and frozen, only B (and the head) trains.
@@ -239,22 +255,13 @@ class InfLoRAPlugin(ClassMaskMixin, AdapterPluginMixin, SupervisedPlugin, suppor
                 count[name] += x.shape[0]
             return fn
 
-        handles = [m.register_forward_pre_hook(hook(n, m)) for n, m in layers]
-        was_training = model.training
-        model.eval()
-        try:
-            for batch in experience_loader(strategy, fraction, self.seed):
-                avalanche_forward(model, batch[0].to(strategy.device), batch[-1].to(strategy.device))
-        finally:
-            for h in handles:
-                h.remove()
-            model.train(was_training)
+        batches = ((b[0], b[-1]) for b in experience_loader(strategy, fraction, self.seed))
+        _hooked_pass(strategy, layers, hook, batches)
         return {n: cov[n] / max(count[n], 1) for n in cov}
 
     @torch.no_grad()
     def _input_shapes(self, strategy, layers) -> dict:
         """``{name: (d, rows per image)}`` of every adapted layer's covariance, from one image."""
-        model = unwrap(strategy.model)
         shapes = {}
 
         def hook(name, layer):
@@ -265,16 +272,8 @@ class InfLoRAPlugin(ClassMaskMixin, AdapterPluginMixin, SupervisedPlugin, suppor
                 shapes[name] = (x.shape[-1], x[:1].reshape(-1, x.shape[-1]).shape[0])
             return fn
 
-        handles = [m.register_forward_pre_hook(hook(n, m)) for n, m in layers]
-        was_training = model.training
-        model.eval()
-        try:
-            batch = next(iter(experience_loader(strategy, 1.0, self.seed)))
-            avalanche_forward(model, batch[0][:1].to(strategy.device), batch[-1][:1].to(strategy.device))
-        finally:
-            for h in handles:
-                h.remove()
-            model.train(was_training)
+        batch = next(iter(experience_loader(strategy, 1.0, self.seed)))
+        _hooked_pass(strategy, layers, hook, [(batch[0][:1], batch[-1][:1])])
         return shapes
 
     # -- experience start: design A ---------------------------------------------------------------------------

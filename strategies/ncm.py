@@ -5,11 +5,12 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
+from avalanche.models.utils import avalanche_forward
 from torch import nn
 
 from models import TaskIncrementalClassifier, find_head
 
-from .base import MethodStrategy, unwrap
+from .base import MethodStrategy, experience_loader, unwrap
 from .linear_probe import freeze_backbone
 from .recipe import TrainingRecipe
 
@@ -59,15 +60,12 @@ class NearestClassMean(MethodStrategy):
         feats: list = []
         hook = head.register_forward_hook(lambda m, inp, out: feats.append(inp[0].detach()))
         sums, counts = {}, {}
-        loader = torch.utils.data.DataLoader(experience.dataset.eval(), batch_size=self.eval_mb_size, shuffle=False,
-                                             num_workers=kwargs.get("num_workers", 0))
         try:
             with torch.no_grad():
-                for batch in loader:
+                for batch in experience_loader(self):
                     x, y = batch[0].to(self.device), batch[1].to(self.device)
-                    t = batch[2].to(self.device) if len(batch) > 2 else None
                     feats.clear()
-                    model(x, t) if isinstance(model, TaskIncrementalClassifier) else model(x)
+                    avalanche_forward(model, x, batch[-1].to(self.device))
                     f = feats[0].flatten(1).double()
                     for c in y.unique().tolist():
                         sel = f[y == c]
