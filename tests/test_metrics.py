@@ -3,7 +3,6 @@
 import json
 from types import SimpleNamespace as NS
 
-import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -93,6 +92,26 @@ def test_parameter_growth_merged_and_per_task():
     assert vals["ParamGrowth_pct"] == pytest.approx(100 * 72 / 115)
 
 
+@pytest.mark.xfail(strict=True, reason="library: per_task_lora's inference count with per_task_bn adds the task's "
+                   "BatchNorm copy to the backbone's own BatchNorm, which a task's forward pass does not use")
+def test_parameter_growth_per_task_batchnorm_inference():
+    model = nn.Sequential(nn.Linear(10, 8), nn.BatchNorm1d(8), nn.Linear(8, 3))  # 88 + 16 + 27 = 131 parameters
+    plugin = PerTaskLoRAPlugin(target_modules=["0"], r=2, per_task_bn=True)  # adapter 2*10 + 8*2 = 36
+    plugin.prepare(model)
+    metric = ParameterGrowthPluginMetric()
+    s = _strategy(model, method_plugin=plugin)
+    for t in (0, 1):
+        model[0].current_task = model[1].current_task = t
+        model[0].store_adapter(t)
+        model[1].store(t)
+        plugin.trained_tasks.append(t)
+    vals = {v.name.split("/")[0]: v.value for v in metric.after_training_exp(s)}
+    # stored: the backbone and, per task, its adapter and BatchNorm copy (the live copy is training state)
+    assert vals["ParamCount_stored"] == 131 + 2 * (36 + 16)
+    # one forward pass: Linear 0, the task's adapter, the task's BatchNorm copy (not the backbone's), Linear 2
+    assert vals["ParamCount_inference"] == 88 + 36 + 16 + 27
+
+
 def test_pretraining_retention_through_original_head():
     model = nn.Sequential(nn.Flatten(), nn.Linear(2, 2))  # its own head is never used by the metric
     with torch.no_grad():
@@ -174,25 +193,32 @@ def test_plots_are_written_and_not_blank(tmp_path):
 
 
 def test_cli_writes_metrics_csv_tensorboard_and_results(tmp_path, capsys):
-    rng = np.random.default_rng(0)
-    y = np.repeat(np.arange(4), 10)
-    x = rng.integers(0, 256, (len(y), 32, 32, 3), dtype=np.uint8)
-    data = tmp_path / "d.npz"
-    np.savez(data, x_train=x, y_train=y, x_test=x, y_test=y)
-    weights = tmp_path / "w.pt"
-    from models import cifar_resnet
+    from conftest import assert_learned, calibrated_resnet20, expected_parameters, made_data
 
-    torch.save(cifar_resnet(20, 10).state_dict(), weights)
+    data = made_data(tmp_path / "d.npz", 4, 10)  # the class planted in two channels; test = train
+    weights = calibrated_resnet20(data, tmp_path / "w.pt")  # random, BatchNorm calibrated: frozen, trains stably
     out = tmp_path / "run"
     assert run_main(["--benchmark", "arrays", "--data", str(data), "--n-experiences", "2", "--backbone",
                      "cifar_resnet20", "--backbone-weights", str(weights), "--method", "codyra", "--r", "2",
-                     "--batch-size", "8", "--eval-on", "all", "--retention-data", str(data), "--out", str(out),
+                     "--alpha", "0.5", "--batch-size", "4", "--epochs", "6", "--optimizer", "sgd", "--momentum", "0.9",
+                     "--lr", "0.01", "--eval-on", "all", "--retention-data", str(data), "--out", str(out),
                      "--no-progress"]) == 0
     capsys.readouterr()
     res = json.loads((out / "results.json").read_text())
     assert len(res["pretraining_retention"]) == 2 and 0 <= res["pretraining_retention"][0] <= 1
-    assert len(res["rank_usage"]) == 2 and len(res["spectra"]) == 2 and res["forward_transfer"] is not None
-    assert res["A_avg"] == pytest.approx(np.mean(res["average_accuracy"]))
+    assert len(res["rank_usage"]) == 2 and len(res["spectra"]) == 2
+    assert_learned(res, 0.2)  # class-IL: chance 1/2, then 1/4
+    # the summary figures from the accuracy matrix (every test experience after every training one) by hand
+    m, b = res["accuracy_matrix"], res["initial_accuracy"]
+    assert None not in m[0] + m[1] + b
+    assert res["average_accuracy"] == pytest.approx([m[0][0], (m[1][0] + m[1][1]) / 2])
+    assert res["A_last"] == pytest.approx((m[1][0] + m[1][1]) / 2)
+    assert res["A_avg"] == pytest.approx((m[0][0] + (m[1][0] + m[1][1]) / 2) / 2)
+    assert res["average_forgetting"] == pytest.approx(m[0][0] - m[1][0])
+    assert res["bwt"] == pytest.approx(m[1][0] - m[0][0])
+    assert res["forward_transfer"] == pytest.approx(m[0][1] - b[1])
+    # CoDyRA merges: the backbone and its 64->4 head are all that is stored
+    assert [(p["stored"], p["inference"]) for p in res["parameters"]] == expected_parameters(res, "cifar_resnet20", 2)
     assert res["parameters"][-1]["growth_pct"] == pytest.approx(0.0)
     csv = (out / "metrics.csv").read_text()
     for name in ("ParamGrowth_pct", "Acc_Avg", "RankUsage_mean", "SpectralImbalance_mean", "PretrainRetention"):

@@ -9,9 +9,9 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
+from conftest import assert_learned, calibrated_resnet20, expected_parameters, made_data
 
 from experiments.run import evaluate_checkpoint, main, parse_config
 
@@ -19,13 +19,22 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _made_data(tmp_path, n_classes=6, per_class=40):
-    rng = np.random.default_rng(0)
-    y = np.repeat(np.arange(n_classes), per_class)
-    x = rng.integers(0, 256, (len(y), 32, 32, 3), dtype=np.uint8)
-    x[..., 1] = (y * 40)[:, None, None]
-    path = tmp_path / "made.npz"
-    np.savez(path, x_train=x, y_train=y, x_test=x[::4], y_test=y[::4])
-    return path
+    """Made images whose class is planted in two channels (conftest.made_data); every 4th one is the test set."""
+    return made_data(tmp_path / "made.npz", n_classes, per_class, test_step=4)
+
+
+def _learning(tmp_path, data, epochs):
+    """Options under which the made-data runs learn every experience (see test_run._LEARN): the random ResNet-20
+    calibrated on the data as weights (frozen BatchNorm), SGD with momentum (add _LORA for LoRA scale 0.25)."""
+    return ["--backbone-weights", str(calibrated_resnet20(data, tmp_path / "calibrated.pt")), "--epochs", str(epochs),
+            "--optimizer", "sgd", "--momentum", "0.9", "--lr", "0.01"]
+
+
+_LORA = ["--lora-r", "2", "--alpha", "0.5"]
+
+
+def _counts(res):
+    return [(p["stored"], p["inference"]) for p in res["parameters"]]
 
 
 def _env(threads="1"):
@@ -47,6 +56,13 @@ def test_resume_after_sigkill_reproduces_the_uninterrupted_run(tmp_path):
     subprocess.run(cmd + _args(data, ref_out, "--threads", "1"), env=_env(), check=True, cwd=ROOT,
                    capture_output=True)
     reference = json.loads((ref_out / "results.json").read_text())
+    assert_learned(reference, 0.3)  # task-IL, two classes per task: chance 0.5
+    # one adapter set (rank 8) and one copy of every BatchNorm per task; a forward pass uses its task's adapter and
+    # BatchNorm copy (in place of the backbone's) and one 64->2 head
+    # (stored only: the inference count includes the backbone's own BatchNorm as well, see test_metrics'
+    # test_parameter_growth_per_task_batchnorm_inference)
+    assert [s for s, _ in _counts(reference)] == \
+        [s for s, _ in expected_parameters(reference, "cifar_resnet20", 8, per_task_bn=True)]
 
     proc = subprocess.Popen(cmd + _args(data, out, "--threads", "1"), env=_env(), cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -82,12 +98,16 @@ def test_resume_refuses_other_run_corrupt_and_malicious_checkpoints(tmp_path, ca
     data = _made_data(tmp_path)
     out = tmp_path / "run"
     args = ["--benchmark", "arrays", "--data", str(data), "--n-experiences", "3", "--backbone", "cifar_resnet20",
-            "--batch-size", "16", "--out", str(out), "--no-progress"]
-    assert main(args + ["--resume"]) == 2
+            "--batch-size", "16", "--out", str(out), "--no-progress", *_learning(tmp_path, data, 4)]
+    assert main(args + _LORA + ["--resume"]) == 2
     assert "No checkpoint to resume from" in capsys.readouterr().err
+    args_naive, args = args, args + _LORA  # naive has no LoRA options
     assert main(args) == 0
     capsys.readouterr()
-    assert main(args + ["--resume", "--method", "naive"]) == 2
+    finished = json.loads((out / "results.json").read_text())
+    assert_learned(finished, 0.2)  # class-IL: chance 1/2, 1/4, 1/6
+    assert _counts(finished) == expected_parameters(finished, "cifar_resnet20", 2)
+    assert main(args_naive + ["--resume", "--method", "naive"]) == 2
     err = capsys.readouterr().err
     assert "different run (" in err and "method: checkpoint 'merge_lora' vs now 'naive'" in err
     assert main(args + ["--resume", "--backbone", "cifar_resnet32"]) == 2
@@ -125,8 +145,8 @@ def test_torchrun_ddp_two_processes_gloo(tmp_path):
     data = _made_data(tmp_path, n_classes=4, per_class=24)
     out = tmp_path / "ddp"
     run_args = ["--benchmark", "arrays", "--data", str(data), "--n-experiences", "2", "--backbone",
-                "cifar_resnet20", "--method", "merge_lora", "--task-incremental", "--batch-size", "8", "--epochs", "2",
-                "--seed", "3", "--out", str(out), "--no-progress", "--threads", "1"]
+                "cifar_resnet20", "--method", "merge_lora", "--task-incremental", "--batch-size", "8", *_LORA,
+                "--seed", "3", "--out", str(out), "--no-progress", "--threads", "1", *_learning(tmp_path, data, 6)]
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
          "experiments.run", *run_args], env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=600,
@@ -134,9 +154,13 @@ def test_torchrun_ddp_two_processes_gloo(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads((out / "results.json").read_text())
     assert res["finished"] and res["distributed"]["world_size"] == 2 and res["distributed"]["backend"] == "gloo"
-    assert res["distributed"]["ranks_in_sync"] == [True, True]  # bit-identical parameters after every experience
-    # each rank trained on half the data: 2 ranks x ceil(24*2/2 / 8) iterations per epoch
-    assert res["train_iterations"] == [2 * 3, 2 * 3]
+    # checked after every experience (the check raises, and the run fails, when ranks differ: see
+    # test_ranks_in_sync_detects_a_rank_that_differs)
+    assert len(res["distributed"]["ranks_in_sync"]) == 2
+    # each rank trained on half the data: 6 epochs x ceil(24*2/2 / 8) iterations
+    assert res["train_iterations"] == [6 * 3, 6 * 3]
+    assert_learned(res, 0.3)  # task-IL: chance 0.5
+    assert _counts(res) == expected_parameters(res, "cifar_resnet20", 2)
     # the reported numbers equal a single-process evaluation of the same final model
     single = evaluate_checkpoint(parse_config(run_args))
     assert single == res["accuracy_matrix"][-1]
@@ -170,15 +194,27 @@ def test_unknown_choices_exit_with_usage(flag, capsys):
 @pytest.mark.parametrize("method", ["inflora", "sd_lora", "o_lora", "hide_lora"])
 def test_peer_methods_resume_to_the_uninterrupted_result(tmp_path, capsys, monkeypatch, method):
     """A run stopped after its second checkpoint and resumed gives the uninterrupted run's numbers: the plugins'
-    state (subspaces, pending directions and magnitudes, the shared model and class statistics) survives."""
+    state (subspaces, pending directions and magnitudes, the shared model and class statistics) survives.
+
+    InfLoRA, SD-LoRA and O-LoRA run task-incremental: their class-incremental loss covers the current experience's
+    classes only, so over three experiences of made data which head rows win across experiences is arbitrary (a
+    later experience's accuracy went down to 0 on some seeds) and learning could not be asserted; HiDe-LoRA is
+    class-incremental only (its classifier alignment makes the rows comparable). 6 epochs: with 4, O-LoRA left an
+    experience at chance on one seed of four."""
     import experiments.checkpoint as ckpt
 
     data = _made_data(tmp_path, per_class=12)
+    task_il = method != "hide_lora"
     args = ["--benchmark", "arrays", "--data", str(data), "--n-experiences", "3", "--backbone", "cifar_resnet20",
-            "--method", method, "--batch-size", "8", "--r", "2", "--seed", "1", "--threads", "1", "--no-progress",
-            "--lr", "0.02", *(["--ca-epochs", "2", "--n-centroids", "2"] if method == "hide_lora" else [])]
+            "--method", method, "--batch-size", "4", "--seed", "1", "--threads", "1", "--no-progress",
+            *_learning(tmp_path, data, 6), *_LORA, *(["--task-incremental"] if task_il else
+                                                    # lr scaled by batch / 256: 0.64 at batch 4 is 0.01
+                                                    ["--lr", "0.64", "--ca-epochs", "10", "--ca-lr", "0.05",
+                                                     "--n-centroids", "2"])]
     assert main(args + ["--out", str(tmp_path / "ref")]) == 0
     reference = json.loads((tmp_path / "ref" / "results.json").read_text())
+    assert_learned(reference, 0.3 if task_il else 0.2)  # chance 1/2 (task-IL); 1/2, 1/4, 1/6 (class-IL)
+    assert _counts(reference) == expected_parameters(reference, "cifar_resnet20", 2, n_centroids=2)
     assert evaluate_checkpoint(parse_config(args + ["--out", str(tmp_path / "ref")])) == \
         reference["accuracy_matrix"][-1]
 
@@ -211,14 +247,61 @@ def test_torchrun_ddp_peer_methods_stay_in_sync(tmp_path, method):
     data = _made_data(tmp_path, n_classes=4, per_class=24)
     out = tmp_path / "ddp"
     run_args = ["--benchmark", "arrays", "--data", str(data), "--n-experiences", "2", "--backbone",
-                "cifar_resnet20", "--method", method, "--batch-size", "8", "--lora-r", "2", "--epochs", "2",
-                "--seed", "3", "--out", str(out), "--no-progress", "--threads", "1",
-                *(["--ca-epochs", "2", "--n-centroids", "2"] if method == "hide_lora" else [])]
+                "cifar_resnet20", "--method", method, "--batch-size", "8", *_LORA,
+                "--seed", "3", "--out", str(out), "--no-progress", "--threads", "1", *_learning(tmp_path, data, 6),
+                *(["--lr", "0.32", "--ca-epochs", "10", "--ca-lr", "0.05", "--n-centroids", "2"]
+                  if method == "hide_lora" else [])]  # hide_lora: lr x batch / 256
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
          "experiments.run", *run_args], env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads((out / "results.json").read_text())
-    assert res["finished"] and res["distributed"]["ranks_in_sync"] == [True, True]
+    assert res["finished"] and len(res["distributed"]["ranks_in_sync"]) == 2
     assert evaluate_checkpoint(parse_config(run_args)) == res["accuracy_matrix"][-1]
+    assert_learned(res, 0.2)  # class-IL: chance 1/2, then 1/4
+    assert _counts(res) == expected_parameters(res, "cifar_resnet20", 2, n_centroids=2)
+
+
+def test_ranks_in_sync_detects_a_rank_that_differs(monkeypatch):
+    """The check run after every experience of a torchrun job: the other rank's tensor hashes are those of another
+    model (one buffer changed), or another plugin state (one tensor changed); it must raise and name them, and pass
+    for an identical copy."""
+    import copy
+
+    from avalanche.distributed import DistributedHelper
+    from torch import nn
+
+    from experiments.run import _ranks_in_sync
+
+    class Plugin:
+        def __init__(self, bases):
+            self.bases = bases
+
+        def state_dict(self):
+            return dict(subspaces={"layer": self.bases}, history=[1, 2])
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2))
+    plugin = Plugin(torch.randn(3, 2))
+    other_rank = {}
+
+    def hashes_of(m, p=None):  # what _ranks_in_sync sends to the other ranks for this model and plugin
+        monkeypatch.setattr(DistributedHelper, "gather_all_objects", lambda mine: other_rank.update(h=mine) or [mine])
+        assert _ranks_in_sync(m, p) is True  # a single rank always agrees with itself
+        return other_rank["h"]
+
+    twin = hashes_of(copy.deepcopy(model), Plugin(plugin.bases.clone()))
+    drifted_model = copy.deepcopy(model)
+    drifted_model[1].running_mean[2] += 1e-6  # e.g. BatchNorm statistics of one rank's shard
+    drifted = hashes_of(drifted_model, plugin)
+    drifted_plugin = hashes_of(model, Plugin(plugin.bases + 1e-6))
+
+    monkeypatch.setattr(DistributedHelper, "gather_all_objects", lambda mine: [mine, twin])
+    assert _ranks_in_sync(model, plugin) is True
+    monkeypatch.setattr(DistributedHelper, "gather_all_objects", lambda mine: [mine, drifted])
+    with pytest.raises(RuntimeError, match=r"different tensors after an experience: \['1.running_mean'\].*\(1 of 10\)"):
+        _ranks_in_sync(model, plugin)
+    monkeypatch.setattr(DistributedHelper, "gather_all_objects", lambda mine: [mine, drifted_plugin])
+    with pytest.raises(RuntimeError, match=r"\['plugin.subspaces.layer'\]"):
+        _ranks_in_sync(model, plugin)
