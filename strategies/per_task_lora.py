@@ -195,7 +195,9 @@ class PerTaskLoRAPlugin(AdapterPluginMixin, SupervisedPlugin, supports_distribut
         if not self.trained_tasks:
             return dict(stored=total, inference=total)
         stored = total - current - current_bn
-        inference = stored - sum(per_task.values()) + max(per_task.values())
+        # a task's sample goes through its own BN copy, never the pretrained one (kept for the pretraining task)
+        pretrained_bn = sum(p.numel() for b in bns for p in b.pretrained.parameters())
+        inference = stored - pretrained_bn - sum(per_task.values()) + max(per_task.values())
         return dict(stored=stored, inference=inference, per_task=per_task)
 
 
