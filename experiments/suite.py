@@ -1,6 +1,6 @@
 """The comparison suite: every method against the standard baselines, one command per protocol.
 
-    python -m experiments.suite --protocol q1|q2 [--seeds 1234,0,1] [--quick] [--out DIR] [--threads N]
+    python -m experiments.suite --protocol q1|q2 [--seeds 1234,0,1] [--quick] [--out DIR] [--threads N] [--records DIR]
 
 A protocol is a YAML file in ``experiments/configs/suite/`` (``common`` run options, ``rows``, ``seeds``,
 ``scenarios``, the ``selection`` of each row's learning rate). The suite
@@ -12,12 +12,14 @@ A protocol is a YAML file in ``experiments/configs/suite/`` (``common`` run opti
    protocol's YAML (below the marker line) and into ``<out>/selection.md``;
 2. runs every row, seed and scenario (seeds outermost, so the first seed of every row comes first), each as its own
    ``python -m experiments.run`` process writing ``<out>/runs/<scenario>/<row>/seed<seed>/``;
-3. rewrites after every run the tables (``<out>/table_<scenario>.md|csv``, mean ± std over the seeds done), the claims
-   table (``<out>/claims.md``) and the figures (``<out>/*.png``).
+3. rewrites after every run, in ``<out>`` and the records folder, the tables (``table_<scenario>.md|csv``, mean ±
+   std over the seeds done), the claims table (``claims.md``) and the figures (``*.png``).
 
 It resumes after a kill: a finished run (or one stopped by a non-finite loss, which is a result) is skipped, a killed
 one continues from its last checkpoint (or starts again when its method keeps state a checkpoint cannot hold: EWC,
-LwF, replay). ``--quick`` runs every row on a few images, for the smoke test (its selection is not written back).
+LwF, replay). Every finished run is also recorded, compactly, in ``--records`` (default ``docs/results/<protocol>``,
+next to the published tables and figures): committed, the records let the same command in a fresh clone skip what
+is done. ``--quick`` runs every row on a few images, for the smoke test (no records, its selection not written back).
 """
 
 from __future__ import annotations
@@ -184,6 +186,44 @@ def _load(run_dir: Path) -> dict | None:
         return None
 
 
+class Records:
+    """Compact copies of finished runs' ``results.json`` (``<directory>/records/<run path under out>.json``),
+    committed with the tables: a fresh clone (a later session, another machine) continues the suite where it stopped,
+    skipping every recorded run, and rebuilds the tables from them. Per-module spectra and rank usage (the bulk of a
+    LoRA run's file) and Avalanche's cross-check values are left out; the tables do not use them.
+    ``directory=None``: no records (the run folders only)."""
+
+    HEAVY = ("spectra", "rank_usage", "avalanche")
+
+    def __init__(self, out: Path, directory: Path | None):
+        self.out, self.dir = Path(out), None if directory is None else Path(directory)
+
+    def path(self, run_dir: Path) -> Path | None:
+        if self.dir is None:
+            return None
+        return self.dir / "records" / f"{Path(run_dir).relative_to(self.out).as_posix()}.json"
+
+    def load(self, run_dir: Path) -> dict | None:
+        """The run folder's results when it finished, else the record of an earlier finished run, else whatever
+        the folder holds (a killed run's partial results, or nothing)."""
+        res = _load(run_dir)
+        if _done(res) or self.dir is None:
+            return res
+        try:
+            return json.loads(self.path(run_dir).read_text())
+        except (OSError, json.JSONDecodeError):
+            return res
+
+    def save(self, run_dir: Path, res: dict | None) -> None:
+        if self.dir is None or not _done(res):
+            return
+        path = self.path(run_dir)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({k: v for k, v in res.items() if k not in self.HEAVY}, indent=1))
+        os.replace(tmp, path)
+
+
 def _matches(res: dict, opts: dict) -> bool:
     """Whether a run's recorded config is the one ``opts`` asks for (a finished run of an older protocol is not)."""
     cfg = res.get("config", {})
@@ -226,13 +266,18 @@ def _execute(cmd: list[str], log, env: dict, in_process: bool) -> tuple[int, str
     return code, err.getvalue()
 
 
-def run_one(opts: dict, run_dir: Path, *, threads: int, in_process: bool = False) -> tuple[dict, str]:
-    """Run (or resume, or skip) one ``experiments.run``; ``(results, what happened)``. A configuration error
-    stops the suite (it is a bug of the protocol, not a result)."""
-    res = _load(run_dir)
+def run_one(opts: dict, run_dir: Path, *, threads: int, in_process: bool = False,
+            records: Records | None = None) -> tuple[dict, str]:
+    """Run (or resume, or skip) one ``experiments.run``; ``(results, what happened)``. A finished run in
+    ``run_dir`` or in ``records`` is skipped; a new result is recorded. A configuration error stops the suite (it is
+    a bug of the protocol, not a result)."""
+    records = records or Records(run_dir, None)
+    res = records.load(run_dir)
     if _done(res) and _matches(res, opts):
+        if records.dir and not records.path(run_dir).is_file():  # finished before records were kept
+            records.save(run_dir, res)
         return res, "done before"
-    if res is not None and not _matches(res, opts):  # the protocol changed since: this run is not one of its rows
+    if res is not None and not _matches(res, opts) and run_dir.exists():  # the protocol changed: not one of its rows
         stale = run_dir.with_name(run_dir.name + f".stale-{int(time.time())}")
         run_dir.rename(stale)
     env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", OMP_NUM_THREADS=str(threads))
@@ -250,7 +295,9 @@ def run_one(opts: dict, run_dir: Path, *, threads: int, in_process: bool = False
             code, stderr = _execute(cmd, log, env, in_process)
         if code in (0, 3):  # 3: stopped by a non-finite loss, its finished experiences kept
             how = "resumed" if "--resume" in cmd else how
-            return _load(run_dir), how
+            res = _load(run_dir)
+            records.save(run_dir, res)
+            return res, how
         if code == 130 or code < 0:  # Ctrl-C, or the run was killed by a signal: not a result, resume later
             raise KeyboardInterrupt
         if "--resume" in cmd:
@@ -280,13 +327,14 @@ def _count(n) -> str:
     return f"{n / 1e6:.2f} M" if n >= 1e6 else f"{n / 1e3:.1f} k"
 
 
-def aggregate(proto: dict, runs: list) -> dict:
+def aggregate(proto: dict, runs: list, records: Records | None = None) -> dict:
     """``{scenario: {row: figures}}`` over the finished seeds of each (scenario, row)."""
     table: dict = {}
-    for row, scenario, seed, _, _, run_dir in runs:
-        res = _load(run_dir)
+    load = records.load if records else _load
+    for row, scenario, seed, _, opts, run_dir in runs:
+        res = load(run_dir)
         entry = table.setdefault(scenario, {}).setdefault(row["name"], dict(row=row, seeds=[], results=[]))
-        if _done(res):
+        if _done(res) and _matches(res, opts):
             entry["seeds"].append(seed)
             entry["results"].append(res)
     for scenario, rows in table.items():
@@ -521,9 +569,9 @@ def write_figures(proto: dict, table: dict, out: Path) -> list[Path]:
     return written
 
 
-def _write_selection(proto: dict, results: dict, out: Path, *, write_back: bool) -> None:
-    """``<out>/selection.md`` (every grid point's validation accuracy) and, unless quick, the chosen values at the
-    end of the protocol's YAML."""
+def _write_selection(proto: dict, results: dict, outs: list[Path], *, write_back: bool) -> None:
+    """``selection.md`` in each of ``outs`` (every grid point's validation accuracy) and, unless quick, the chosen
+    values at the end of the protocol's YAML."""
     lines = ["| row | grid point | validation last acc % |", "|---|---|---|"]
     chosen = {}
     for name, points in results.items():
@@ -532,7 +580,8 @@ def _write_selection(proto: dict, results: dict, out: Path, *, write_back: bool)
         for point, acc in points:
             mark = " **chosen**" if point is best[0] else ""
             lines.append(f"| {name} | {_tag(point)}{mark} | {'diverged' if acc is None else f'{100 * acc:.1f}'} |")
-    (out / "selection.md").write_text("\n".join(lines) + "\n")
+    for out in outs:
+        (out / "selection.md").write_text("\n".join(lines) + "\n")
     if write_back:
         import yaml
 
@@ -581,6 +630,9 @@ def main(argv=None) -> int:
     p.add_argument("--reselect", action="store_true", help="choose the learning rates again even if the protocol has "
                                                           "them")
     p.add_argument("--status", action="store_true", help="print how many runs are finished, run nothing")
+    p.add_argument("--records", help="folder of the published results: compact records of finished runs (skipped "
+                                     "by a later command, even in a fresh clone), tables, claims, figures (default "
+                                     "docs/results/<protocol>; none with --quick); 'none' for no records")
     a = p.parse_args(argv)
     try:
         proto = load_protocol(a.protocol)
@@ -596,11 +648,22 @@ def main(argv=None) -> int:
     seeds = a.seeds or (proto["seeds"][:1] if a.quick else proto["seeds"])
     out = Path(a.out or f"runs/suite-{proto['protocol']}{'-quick' if a.quick else ''}")
     out.mkdir(parents=True, exist_ok=True)
+    if a.records is None:
+        a.records = "none" if a.quick else str(Path(__file__).resolve().parent.parent / "docs" / "results"
+                                               / proto["protocol"])
+    records = Records(out, None if a.records == "none" else Path(a.records))
+    published = [out] + ([records.dir] if records.dir else [])
+    for d in published:
+        d.mkdir(parents=True, exist_ok=True)
     selection, runs = plan(proto, quick=a.quick, seeds=seeds, out=out)
     if a.status:
-        done = lambda items: sum(_done(_load(d)) for *_, d in items)  # noqa: E731
+        done = lambda items: sum(_done(records.load(d)) for *_, d in items)  # noqa: E731
         planned = {d for *_, d in selection}
-        extra = [d for d in out.glob("select/*/*") if d.is_dir() and d not in planned and _done(_load(d))]
+        found = {d for d in out.glob("select/*/*") if d.is_dir()}
+        if records.dir:
+            found |= {out / p.relative_to(records.dir / "records").with_suffix("")
+                      for p in (records.dir / "records").glob("select/*/*.json")}
+        extra = [d for d in found if d not in planned and _done(records.load(d))]
         print(f"{proto['protocol']} in {out}: selection {done(selection)}/{len(selection)} grid runs finished "
               f"(+{len(extra)} extension runs), {len(proto['selected'])} rows chosen; main runs "
               f"{done(runs)}/{len(runs)} finished")
@@ -619,7 +682,7 @@ def main(argv=None) -> int:
             while entries:
                 for row, scenario, seed, point, opts, run_dir in entries:
                     k += 1
-                    res, how = run_one(opts, run_dir, threads=a.threads, in_process=a.quick)
+                    res, how = run_one(opts, run_dir, threads=a.threads, in_process=a.quick, records=records)
                     acc = res["A_last"] if res and res.get("finished") else None
                     by_row.setdefault(name, []).append((point, acc))
                     print(f"[select {k}] {proto['protocol']} {name} {_tag(point)}: validation {_describe(res)} "
@@ -634,30 +697,34 @@ def main(argv=None) -> int:
                     entries = [(row, scenario, seed, point, opts, run_dir.parent / _tag(point))]
         if by_row:
             kept = {n: v for n, v in proto["selected"].items() if n not in by_row}
-            _write_selection(proto, by_row, out, write_back=not a.quick)
+            _write_selection(proto, by_row, published, write_back=not a.quick)
             proto["selected"].update(kept)
         runs = _apply_selection(proto, runs)
         # 2. every row, seed and scenario; tables, claims and figures rewritten after each run
         for k, (row, scenario, seed, _, opts, run_dir) in enumerate(runs, 1):
-            res, how = run_one(opts, run_dir, threads=a.threads, in_process=a.quick)
+            res, how = run_one(opts, run_dir, threads=a.threads, in_process=a.quick, records=records)
             print(f"[{k}/{len(runs)}] {proto['protocol']} {scenario} {row['name']} seed {seed}: {_describe(res)} "
                   f"[{how}]", flush=True)
             if how != "done before" or k == len(runs):
-                table = aggregate(proto, runs)
-                write_tables(proto, table, out)
-                write_claims(proto, claims(proto, table), out)
-                write_figures(proto, table, out)
+                table = aggregate(proto, runs, records)
+                for d in published:
+                    write_tables(proto, table, d)
+                    write_claims(proto, claims(proto, table), d)
+                    write_figures(proto, table, d)
     except KeyboardInterrupt:
         print(f"interrupted: finished runs are kept in {out}; the same command continues.", file=sys.stderr)
         return 130
     except (RuntimeError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    table = aggregate(proto, runs)
-    (out / "summary.json").write_text(json.dumps(dict(
-        protocol=proto["protocol"], seeds=seeds, quick=a.quick, wall_time_s=time.time() - t0,
-        selected=proto["selected"], machine=dict(cpu_count=os.cpu_count(), threads=a.threads)), indent=2))
-    print(f"tables, claims and figures in {out} ({time.time() - t0:.0f} s)")
+    # compute of the whole protocol: every run's own wall time (selection included), across sessions
+    walls = [(records.load(d) or {}).get("wall_time_s") or 0.0 for *_, d in selection + runs]
+    for d in published:
+        (d / "summary.json").write_text(json.dumps(dict(
+            protocol=proto["protocol"], seeds=seeds, quick=a.quick, runs=len(selection) + len(runs),
+            runs_wall_time_s=round(sum(walls), 1), this_command_s=round(time.time() - t0, 1),
+            selected=proto["selected"], machine=dict(cpu_count=os.cpu_count(), threads=a.threads)), indent=2))
+    print(f"tables, claims and figures in {', '.join(map(str, published))} ({time.time() - t0:.0f} s)")
     return 0
 
 

@@ -258,3 +258,49 @@ def test_suite_reruns_a_finished_run_of_another_protocol(tmp_path, monkeypatch):
     for changed in (dict(opts, subset=500), dict(opts, scenario="class_il"), dict(opts, lr=0.003)):
         suite.run_one(changed, run_dir, threads=1)
     assert len(calls) == 3 and len(list(tmp_path.glob("r.stale-*"))) >= 1
+
+
+def test_suite_records_let_a_fresh_clone_skip_finished_runs(tmp_path, monkeypatch):
+    """A finished run is recorded compactly (heavy per-module fields left out); in a fresh output folder (a new
+    clone, no run folders) the record is found and the run skipped, a run of another config is not, and the
+    tables aggregate from records alone."""
+    import json
+    from pathlib import Path
+
+    from experiments import suite
+
+    cfg = dict(method="naive", lr=0.01, task_incremental=True)
+    full = dict(config=cfg, finished=True, A_last=0.75, A_avg=0.8, average_forgetting=0.1, bwt=-0.1,
+                accuracy_matrix=[[0.9, None], [0.7, 0.8]], average_accuracy=[0.9, 0.75], parameters=[],
+                training=dict(lr=0.01), spectra={"layer": list(range(5000))}, rank_usage={"x": 1})
+    opts = dict(method="naive", lr=0.01, scenario="task_il")
+
+    def fake_run(cmd, log, env, in_process):
+        out = Path(cmd[cmd.index("--out") + 1])
+        (out / "results.json").write_text(json.dumps(full))
+        return 0, ""
+
+    calls = []
+    monkeypatch.setattr(suite, "_execute", lambda *a: (calls.append(a[0]), fake_run(*a))[1])
+    rec = suite.Records(tmp_path / "out1", tmp_path / "published")
+    run_dir = tmp_path / "out1" / "runs" / "task_il" / "naive" / "seed0"
+    assert suite.run_one(opts, run_dir, threads=1, records=rec)[1] == "ran"
+    record = tmp_path / "published" / "records" / "runs" / "task_il" / "naive" / "seed0.json"
+    kept = json.loads(record.read_text())
+    assert "spectra" not in kept and "rank_usage" not in kept and kept["A_last"] == 0.75
+    assert record.stat().st_size < 2000
+    # a fresh clone: another output folder, no run folders, the same records
+    rec2 = suite.Records(tmp_path / "out2", tmp_path / "published")
+    run_dir2 = tmp_path / "out2" / "runs" / "task_il" / "naive" / "seed0"
+    assert suite.run_one(opts, run_dir2, threads=1, records=rec2)[1] == "done before"
+    assert len(calls) == 1 and not run_dir2.exists()
+    row = dict(name="naive", method="naive")
+    table = suite.aggregate({}, [(row, "task_il", 0, None, opts, run_dir2)], rec2)
+    assert table["task_il"]["naive"]["A_last"] == [0.75]
+    # a record of another configuration is neither skipped nor aggregated
+    other = dict(opts, lr=0.003)
+    assert suite.aggregate({}, [(row, "task_il", 0, None, other, run_dir2)], rec2)["task_il"]["naive"]["A_last"] == []
+    assert suite.run_one(other, run_dir2, threads=1, records=rec2)[1] == "ran" and len(calls) == 2
+    # a run folder finished before records were kept gets its record when the suite passes over it
+    record.unlink()
+    assert suite.run_one(opts, run_dir, threads=1, records=rec)[1] == "done before" and record.is_file()
