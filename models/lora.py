@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["LoRALayer", "LoRALinear", "LoRAConv2d", "CONV_MODES", "lora_scaling"]
+__all__ = ["LoRALayer", "LoRALinear", "LoRAConv2d", "CONV_MODES", "lora_scaling", "lora_linear"]
 
 CONV_MODES = ("kxk_1x1", "loralib")
 
@@ -142,6 +142,10 @@ class LoRALayer(nn.Module):
             # e.g. inference: one pass with W + ΔW (ΔW is small to form) instead of the base pass plus two low-rank
             A, B, s = self._effective_factors()
             return self._forward_with_weight(x, self._weight_plus(A, B, s))
+        return self._train_forward(x)
+
+    def _train_forward(self, x: Tensor) -> Tensor:
+        """The pass with gradients: the base pass plus the low-rank ones; layer types fuse them."""
         return self._lora_add(self.base_layer(x), self.lora_dropout(x))
 
     def _forward_with_weight(self, x: Tensor, weight: Tensor) -> Tensor:
@@ -159,6 +163,58 @@ class LoRALayer(nn.Module):
 
     def extra_repr(self) -> str:
         return f"r={self.r}, alpha={self.alpha:g}, scaling={self.scaling:g}, merged={self.merged}"
+
+
+class _LoRALinearFunction(torch.autograd.Function):
+    """``y = x (W + B' A)ᵀ + b`` (``B' = s·B``) and its gradients, reading the full-size activation ``x`` and output
+    gradient ``g`` as few times as the math allows (on a CPU a LoRA layer's cost is memory traffic, not arithmetic):
+
+    * forward: ``W' = W + B' A`` (out × in: the size of a weight, not of an activation), ``y = x W'ᵀ + b`` (the
+      frozen layer's own GEMM: no separate read-add-write of ``y``), ``h = x Aᵀ`` (N × r, saved);
+    * backward: ``grad_x = g W'`` (the frozen layer's own input-gradient GEMM; LoRA's term ``(g B') A`` rides in
+      it, no second product to accumulate), ``u = g B'``, ``grad_A = uᵀ x``, ``grad_B' = gᵀ h``.
+
+    Autograd over ``base(x) + B'(A x)`` does the same arithmetic with one more pass over ``y`` in the forward and,
+    in the backward, a separate N × in input-gradient product plus its accumulation.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, Bs: Tensor) -> Tensor:
+        w = torch.addmm(weight, Bs, A)
+        y = F.linear(x, w, bias)
+        h = F.linear(x, A)
+        ctx.save_for_backward(x, w, A, Bs, h)
+        ctx.has_bias = bias is not None
+        return y
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        x, w, A, Bs, h = ctx.saved_tensors
+        need_x, need_w, need_b, need_A, need_B = ctx.needs_input_grad
+        g2 = g.reshape(-1, g.shape[-1])
+        x2 = x.reshape(-1, x.shape[-1])
+        grad_x = grad_w = grad_b = grad_A = grad_B = None
+        if need_x:
+            grad_x = (g2 @ w).view(x.shape)
+        if need_A:
+            grad_A = (g2 @ Bs).t() @ x2
+        if need_B:
+            grad_B = g2.t() @ h.reshape(-1, h.shape[-1])
+        if need_w:  # a trainable base weight (this library freezes it): the gradient of x Wᵀ
+            grad_w = g2.t() @ x2
+        if need_b and ctx.has_bias:
+            grad_b = g2.sum(0)
+        return grad_x, grad_w, grad_b, grad_A, grad_B
+
+
+def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Tensor, scale=1.0) -> Tensor:
+    """``F.linear(x, weight, bias) + scale · (x Aᵀ) Bᵀ`` with gradients for every input that requires one, through
+    :class:`_LoRALinearFunction` (the scale is put on the small ``B`` first, so a learnt scale gets its gradient
+    from autograd). Under autocast it falls back to the unfused expression, which autocast knows how to cast."""
+    Bs = B * scale
+    if torch.is_autocast_enabled(x.device.type):
+        return F.linear(x, weight, bias) + F.linear(F.linear(x, A), Bs)
+    return _LoRALinearFunction.apply(x, weight, bias, A, Bs)
 
 
 class LoRALinear(LoRALayer):
@@ -196,6 +252,12 @@ class LoRALinear(LoRALayer):
         if isinstance(s, Tensor):  # a learnt magnitude: on the small factor, then one addmm
             return torch.addmm(self.base_layer.weight, B * s, A)
         return torch.addmm(self.base_layer.weight, B, A, alpha=s)
+
+    def _train_forward(self, x: Tensor) -> Tensor:
+        if not isinstance(self.lora_dropout, nn.Identity):  # the adapter sees another input than the base layer
+            return super()._train_forward(x)
+        A, B, s = self._effective_factors()
+        return lora_linear(x, self.base_layer.weight, self.base_layer.bias, A, B, s)
 
     def _lora_add(self, out: Tensor, x: Tensor) -> Tensor:
         # one fused addmm: the scale goes on the small B, the sum into the product's output

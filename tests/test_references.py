@@ -90,18 +90,22 @@ def _cases():
 
 
 def _check_all_paths(layer, ref, x):
-    """Output with gradients (training), without, and merged, against ``ref(x, A, B)``; factor gradients too."""
+    """Output with gradients (training), without, and merged, against ``ref(x, A, B)``; factor gradients and the
+    input gradient (what adapters in earlier layers train on) too."""
     A = layer.lora_A.detach().clone().requires_grad_(True)
     B = layer.lora_B.detach().clone().requires_grad_(True)
-    expected = ref(x, A, B)
+    x_ref = x.detach().clone().requires_grad_(True)
+    expected = ref(x_ref, A, B)
     layer.train()
-    out = layer(x)
+    x_in = x.detach().clone().requires_grad_(True)
+    out = layer(x_in)
     torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10)
     g = torch.randn_like(out)
     out.backward(g)
     expected.backward(g)
     torch.testing.assert_close(layer.lora_A.grad, A.grad, rtol=1e-9, atol=1e-9)
     torch.testing.assert_close(layer.lora_B.grad, B.grad, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(x_in.grad, x_ref.grad, rtol=1e-9, atol=1e-9)
     assert all(p.grad is None for p in layer.base_layer.parameters()), "the base layer must stay frozen"
     with torch.no_grad():
         torch.testing.assert_close(layer(x), expected.detach(), rtol=1e-10, atol=1e-10)
@@ -121,6 +125,21 @@ def test_linear_against_matmul_of_factors(bias):
     layer = _randomise(LoRALinear(nn.Linear(7, 5, bias=bias), r=3, alpha=6.0))
     x = torch.randn(4, 2, 7)  # extra leading dims, as a ViT's tokens
     _check_all_paths(layer, lambda x, A, B: ref_linear(x, layer.base_layer, A, B, 2.0), x)
+
+
+def test_fused_linear_function_gradcheck():
+    """The fused training pass (``models.lora.lora_linear``: one GEMM with ``W + s·B A`` forward, one for the input
+    gradient backward) against finite differences, for every input that can require a gradient: the input, a
+    trainable base weight and bias, both factors and a learnt scale (SD-LoRA's magnitudes)."""
+    from models.lora import lora_linear
+
+    torch.manual_seed(0)
+    x = torch.randn(3, 2, 5, requires_grad=True)
+    W, b = torch.randn(4, 5, requires_grad=True), torch.randn(4, requires_grad=True)
+    A, B = torch.randn(2, 5, requires_grad=True), torch.randn(4, 2, requires_grad=True)
+    s = torch.tensor(0.7, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda *t: lora_linear(*t), (x, W, b, A, B, s))
+    assert torch.autograd.gradcheck(lambda x, A, B: lora_linear(x, W.detach(), None, A, B, 1.5), (x, A, B))
 
 
 @pytest.mark.parametrize("rslora", [False, True])
