@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["LoRALayer", "LoRALinear", "LoRAConv2d", "CONV_MODES", "lora_scaling", "lora_linear"]
+__all__ = ["LoRALayer", "LoRALinear", "LoRAConv2d", "CONV_MODES", "lora_scaling", "lora_linear", "lora_conv2d"]
 
 CONV_MODES = ("kxk_1x1", "loralib")
 
@@ -217,6 +217,70 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Te
     return _LoRALinearFunction.apply(x, weight, bias, A, Bs)
 
 
+class _LoRAConvFunction(torch.autograd.Function):
+    """The k×k / 1×1 LoRA conv (HF PEFT's shape) and its gradients, with the frozen conv's own passes carrying the
+    update, as :class:`_LoRALinearFunction` does for Linear (``B'`` = s·B, grouped per the base conv's groups):
+
+    * forward: ``W' = W + B' A`` (per group, weight-sized), ``y = conv(x, W') + b``, ``h = conv_A(x)`` (r channels,
+      saved);
+    * backward: ``grad_x = conv_inputgrad(g, W')`` (the frozen conv's own; LoRA's term rides in it),
+      ``u = B'ᵀ g`` (1×1, r channels), ``grad_A = conv_weightgrad(x, u)``, ``grad_B' = conv_weightgrad(h, g)`` (1×1).
+
+    Autograd over ``base(x) + conv1x1_B'(conv_A(x))`` computes the full-size 1×1 output and adds it in the forward,
+    and runs A's k×k input-gradient conv (N × in × H × W) and its accumulation in the backward; training through
+    ``conv(x, W + ΔW)`` under autograd instead pays the base conv's full weight gradient. ``x`` arrives padded when
+    the conv pads other than with zeros (``padding`` is then 0).
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, A, Bs, stride, padding, dilation, groups):
+        out_c = weight.shape[0]
+        w = torch.baddbmm(weight.reshape(groups, out_c // groups, -1), Bs.reshape(groups, out_c // groups, -1),
+                          A.reshape(groups, A.shape[0] // groups, -1)).reshape(weight.shape)
+        y = F.conv2d(x, w, bias, stride, padding, dilation, groups)
+        h = F.conv2d(x, A, None, stride, padding, dilation, groups)
+        ctx.save_for_backward(x, w, A, Bs, h)
+        ctx.conf = (stride, padding, dilation, groups)
+        ctx.has_bias = bias is not None
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        x, w, A, Bs, h = ctx.saved_tensors
+        stride, padding, dilation, groups = ctx.conf
+        need_x, need_w, need_b, need_A, need_B = ctx.needs_input_grad[:5]
+        grad_x = grad_w = grad_b = grad_A = grad_B = None
+        if need_x:
+            grad_x = torch.nn.grad.conv2d_input(x.shape, w, g, stride, padding, dilation, groups)
+        if need_A:
+            u = F.conv_transpose2d(g, Bs, groups=groups)  # B'ᵀ g: the 1×1 conv's input gradient
+            grad_A = torch.nn.grad.conv2d_weight(x, A.shape, u, stride, padding, dilation, groups)
+        if need_B:
+            grad_B = torch.nn.grad.conv2d_weight(h, Bs.shape, g, 1, 0, 1, groups)
+        if need_w:  # a trainable base weight (this library freezes it)
+            grad_w = torch.nn.grad.conv2d_weight(x, w.shape, g, stride, padding, dilation, groups)
+        if need_b and ctx.has_bias:
+            grad_b = g.sum((0, 2, 3))
+        return grad_x, grad_w, grad_b, grad_A, grad_B, None, None, None, None
+
+
+def lora_conv2d(x: Tensor, conv: nn.Conv2d, A: Tensor, B: Tensor, scale=1.0) -> Tensor:
+    """``conv(x) + scale · conv1x1_B(conv_A(x))`` (A a k×k conv with ``conv``'s stride, padding, dilation, padding
+    mode and groups; B a 1×1 conv grouped alike), through :class:`_LoRAConvFunction`. Under autocast it falls back
+    to the unfused expression."""
+    Bs = B * scale
+    if torch.is_autocast_enabled(x.device.type):
+        return conv(x) + F.conv2d(conv._conv_forward(x, A, None), Bs, groups=conv.groups)
+    padding = conv.padding
+    if conv.padding_mode != "zeros":  # what nn.Conv2d does: pad by hand, then convolve without padding
+        x = F.pad(x, conv._reversed_padding_repeated_twice, mode=conv.padding_mode)
+        padding = (0, 0)
+    if isinstance(padding, str):  # "same" / "valid": a string nn.Conv2d resolves per call
+        return conv(x) + F.conv2d(conv._conv_forward(x, A, None), Bs, groups=conv.groups)
+    return _LoRAConvFunction.apply(x, conv.weight, conv.bias, A, Bs, conv.stride, padding, conv.dilation,
+                                   conv.groups)
+
+
 class LoRALinear(LoRALayer):
     """LoRA around an ``nn.Linear``: ``y = base(x) + scaling · B(A(dropout(x)))``.
 
@@ -344,6 +408,12 @@ class LoRAConv2d(LoRALayer):
         # A reuses the base conv's stride/padding/dilation/padding_mode/groups; B is a 1×1 conv
         return F.conv2d(base._conv_forward(x, A, None), B, groups=base.groups)
 
+    def _train_forward(self, x: Tensor) -> Tensor:
+        if self.conv_mode == "loralib" or not isinstance(self.lora_dropout, nn.Identity):
+            return super()._train_forward(x)
+        A, B, s = self._effective_factors()
+        return lora_conv2d(x, self.base_layer, A, B, s)
+
     def _lora_add(self, out: Tensor, x: Tensor) -> Tensor:
         if self.conv_mode == "loralib":
             return out + self._lora_forward(x)
@@ -366,16 +436,10 @@ class LoRAConv2d(LoRALayer):
         b = B.reshape(g, w.shape[0] // g, B.shape[1])
         return torch.baddbmm(w.reshape(g, w.shape[0] // g, -1), b, a, alpha=s).reshape(w.shape)
 
-    def _merged_weight_training(self) -> bool:
-        """Train through ``conv(x, W + ΔW)`` rather than the two low-rank convs when those are relatively costly:
-        the k×k conv to r channels costs r/out of the base conv (with its backward), the merged weight one weight
-        gradient of the base conv's size; measured on CPU, the merged form wins from r/out >= 1/8. The loralib
-        shape always goes through its weight."""
-        return self.conv_mode == "loralib" or 8 * self.r >= self.base_layer.out_channels
-
     def _through_weight(self) -> bool:
+        # the loralib shape's B A (r·k, in·k) does not factor into two convs: it trains through conv(x, W + ΔW)
         return isinstance(self.lora_dropout, nn.Identity) and (
-            not torch.is_grad_enabled() or self._merged_weight_training())
+            not torch.is_grad_enabled() or self.conv_mode == "loralib")
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, conv_mode={self.conv_mode!r}"

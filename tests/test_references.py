@@ -64,8 +64,8 @@ def ref_conv_loralib(x, base: nn.Conv2d, A, B, s):
     return _conv_ref(x, base, base.weight + s * (B @ A).view(base.weight.shape), base.bias)
 
 
-# every conv kind, narrow (out 8: trains through one pass with W + ΔW) and wide (out 24 with r 2: trains through the
-# two low-rank convs); depthwise needs r = groups, so it always takes the W + ΔW pass
+# every conv kind, narrow (out 8) and wide (out 24 with r 2); kxk_1x1 trains through the fused function
+# (models.lora.lora_conv2d), loralib through conv(x, W + ΔW); depthwise needs r = groups
 CONVS = {
     "3x3": lambda o: nn.Conv2d(6, o, 3, padding=1),
     "3x3_no_bias": lambda o: nn.Conv2d(6, o, 3, padding=1, bias=False),
@@ -142,6 +142,33 @@ def test_fused_linear_function_gradcheck():
     assert torch.autograd.gradcheck(lambda x, A, B: lora_linear(x, W.detach(), None, A, B, 1.5), (x, A, B))
 
 
+@pytest.mark.parametrize("name", ["3x3", "grouped", "stride2_dilation2", "reflect"])
+def test_fused_conv_function_gradcheck(name):
+    """The fused k×k / 1×1 training pass (``models.lora.lora_conv2d``) against finite differences: input, trainable
+    base weight and bias, both factors, a learnt scale; grouped, strided and dilated, reflect-padded convs."""
+    from models.lora import lora_conv2d
+
+    torch.manual_seed(0)
+    conv = CONVS[name](4)
+    r = 2
+    A = torch.randn(r, conv.weight.shape[1], *conv.kernel_size, requires_grad=True)
+    B = torch.randn(4, r // conv.groups, 1, 1, requires_grad=True)
+    s = torch.tensor(0.7, requires_grad=True)
+    x = torch.randn(2, conv.in_channels, 6, 7, requires_grad=True)
+
+    assert torch.autograd.gradcheck(lambda x, A, B, s: lora_conv2d(x, conv, A, B, s), (x, A, B, s))
+    # the base weight and bias as trainable inputs too (the library freezes them; the function must not assume it)
+    w0, b0 = conv.weight.detach().clone().requires_grad_(True), conv.bias.detach().clone().requires_grad_(True)
+    from models.lora import _LoRAConvFunction
+
+    pad = conv.padding if conv.padding_mode == "zeros" else (0, 0)
+    xp = x if conv.padding_mode == "zeros" else F.pad(x.detach(), conv._reversed_padding_repeated_twice,
+                                                      mode=conv.padding_mode).requires_grad_(True)
+    assert torch.autograd.gradcheck(
+        lambda x, w, b, A, B: _LoRAConvFunction.apply(x, w, b, A, B, conv.stride, pad, conv.dilation, conv.groups),
+        (xp, w0, b0, A, B))
+
+
 @pytest.mark.parametrize("rslora", [False, True])
 def test_linear_scale_is_alpha_over_r_or_sqrt_r(rslora):
     torch.manual_seed(0)
@@ -156,8 +183,8 @@ def test_conv_against_plain_convolutions(name, width, mode):
     base = CONVS[name](width)
     r = base.groups if name == "depthwise" else 2
     layer = _randomise(LoRAConv2d(base, r=r, alpha=3.0 * r, conv_mode=mode))
-    with torch.enable_grad():  # which training pass this case exercises
-        assert layer._through_weight() == (mode == "loralib" or width == 8)
+    with torch.enable_grad():  # which training pass this case exercises: the fused function, or loralib's W + ΔW
+        assert layer._through_weight() == (mode == "loralib")
     x = torch.randn(2, base.in_channels, 9, 10)
     ref = ref_conv_loralib if mode == "loralib" else ref_conv_kxk_1x1
     _check_all_paths(layer, lambda x, A, B: ref(x, base, A, B, 3.0), x)
