@@ -436,10 +436,18 @@ class LoRAConv2d(LoRALayer):
         b = B.reshape(g, w.shape[0] // g, B.shape[1])
         return torch.baddbmm(w.reshape(g, w.shape[0] // g, -1), b, a, alpha=s).reshape(w.shape)
 
+    def _merged_weight_training(self) -> bool:
+        """Train through ``conv(x, W + ΔW)`` under autograd (the base conv's full weight gradient, then the small
+        products down to A and B) rather than the fused low-rank function when A's k×k conv to r channels is
+        relatively costly: it costs r/out of the base conv, forward and weight gradient. Measured on CPU
+        (``experiments.bench_speed``: the CIFAR ResNet-32 at r = 8, out 16-64, 1.66× the frozen floor fused and
+        1.2× through the weight), the weight form wins from r/out >= 1/8. The loralib shape's B A (r·k, in·k)
+        does not factor into two convs: it always goes through its weight."""
+        return self.conv_mode == "loralib" or 8 * self.r >= self.base_layer.out_channels
+
     def _through_weight(self) -> bool:
-        # the loralib shape's B A (r·k, in·k) does not factor into two convs: it trains through conv(x, W + ΔW)
         return isinstance(self.lora_dropout, nn.Identity) and (
-            not torch.is_grad_enabled() or self.conv_mode == "loralib")
+            not torch.is_grad_enabled() or self._merged_weight_training())
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, conv_mode={self.conv_mode!r}"

@@ -178,14 +178,15 @@ def test_bad_layer_arguments_raise_clear_errors(make, match):
 @pytest.mark.parametrize("mode", ["kxk_1x1", "loralib"])
 @pytest.mark.parametrize("case", CONV_CASES[:4], ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()))
 def test_training_path_equals_inference_path(mode, case):
-    """With gradients on, the update is applied by the fused training pass (the loralib shape: through W + ΔW under
-    autograd); without, as one pass with W + ΔW. All forms compute the same function."""
+    """With gradients on, the update is applied by the fused low-rank function (for convs where r/out >= 1/8,
+    and the loralib shape, through W + ΔW under autograd); without, as one pass with W + ΔW. All forms compute the
+    same function."""
     from models import GateLoRAConv2d, GateLoRALinear, StiefelLoRALinear
 
-    wide = LoRAConv2d(nn.Conv2d(6, 40, **case), r=2, conv_mode=mode)
-    narrow = LoRAConv2d(nn.Conv2d(6, 10, **case), r=2, conv_mode=mode)
+    wide = LoRAConv2d(nn.Conv2d(6, 40, **case), r=2, conv_mode=mode)  # 8·r < out: the fused low-rank function
+    narrow = LoRAConv2d(nn.Conv2d(6, 10, **case), r=2, conv_mode=mode)  # 8·r >= out: conv(x, W + ΔW)
     with torch.enable_grad():
-        assert wide._through_weight() == narrow._through_weight() == (mode == "loralib")
+        assert narrow._through_weight() and wide._through_weight() == (mode == "loralib")
     layers = [wide, narrow, LoRALinear(nn.Linear(9, 7), r=3),
               GateLoRAConv2d(nn.Conv2d(6, 10, **case), r=2, conv_mode=mode), GateLoRALinear(nn.Linear(9, 7), r=3),
               StiefelLoRALinear(nn.Linear(9, 7), r=3)]

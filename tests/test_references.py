@@ -64,8 +64,8 @@ def ref_conv_loralib(x, base: nn.Conv2d, A, B, s):
     return _conv_ref(x, base, base.weight + s * (B @ A).view(base.weight.shape), base.bias)
 
 
-# every conv kind, narrow (out 8) and wide (out 24 with r 2); kxk_1x1 trains through the fused function
-# (models.lora.lora_conv2d), loralib through conv(x, W + ΔW); depthwise needs r = groups
+# every conv kind, narrow (out 8 with r 2: trains through conv(x, W + ΔW), as loralib always does) and wide (out 24:
+# the fused low-rank function, models.lora.lora_conv2d); depthwise needs r = groups, so it is always narrow
 CONVS = {
     "3x3": lambda o: nn.Conv2d(6, o, 3, padding=1),
     "3x3_no_bias": lambda o: nn.Conv2d(6, o, 3, padding=1, bias=False),
@@ -183,11 +183,23 @@ def test_conv_against_plain_convolutions(name, width, mode):
     base = CONVS[name](width)
     r = base.groups if name == "depthwise" else 2
     layer = _randomise(LoRAConv2d(base, r=r, alpha=3.0 * r, conv_mode=mode))
-    with torch.enable_grad():  # which training pass this case exercises: the fused function, or loralib's W + ΔW
-        assert layer._through_weight() == (mode == "loralib")
+    with torch.enable_grad():  # which training pass this case exercises: the fused function, or W + ΔW
+        assert layer._through_weight() == (mode == "loralib" or width == 8)
     x = torch.randn(2, base.in_channels, 9, 10)
     ref = ref_conv_loralib if mode == "loralib" else ref_conv_kxk_1x1
     _check_all_paths(layer, lambda x, A, B: ref(x, base, A, B, 3.0), x)
+
+
+@pytest.mark.parametrize("width", [16, 80])
+def test_grouped_conv_with_several_ranks_per_group(width):
+    """groups = 4 with r = 8: two ranks per group, so A's rows must be read group-major (with one rank per group
+    every layout gives the same update). Out 16 trains through W + ΔW, out 80 through the fused function."""
+    torch.manual_seed(0)
+    base = nn.Conv2d(8, width, 3, padding=1, groups=4)
+    layer = _randomise(LoRAConv2d(base, r=8, alpha=4.0))
+    with torch.enable_grad():
+        assert layer._through_weight() == (width == 16)
+    _check_all_paths(layer, lambda x, A, B: ref_conv_kxk_1x1(x, base, A, B, 0.5), torch.randn(2, 8, 7, 6))
 
 
 def test_dropout_reaches_only_the_adapter_input():
