@@ -1,11 +1,12 @@
-"""Training step time of every method relative to merged LoRA, measured in one process, interleaved.
+"""Training time of every method relative to merged LoRA (per step and whole run), in one process, interleaved.
 
     python -m experiments.bench_methods --backbone cifar_resnet32 --r 4 --batch-size 32
 
 Times on a shared machine are noisy, so each method trains the same number of iterations on each of several
 experiences, in a shuffled order per round, and the table gives medians of single iterations (forward, backward,
 optimizer step and the method's per-step hooks) and their ratio to merged LoRA's. A method's once-per-experience
-work (EBLoRA's gradient passes and SVDs, CoDyRA's prune-and-merge) is timed separately as "per experience".
+work (InfLoRA's covariance passes, EBLoRA's gradient passes and SVDs, CoDyRA's prune-and-merge) is timed separately
+as "per experience", and the whole run (every experience's ``strategy.train``, all of it) against merged LoRA's.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ def bench(methods, *, backbone="cifar_resnet32", weights=None, r=4, batch_size=3
     class StepTimer(SupervisedPlugin):
         def __init__(self):
             super().__init__()
-            self.steps, self.exp_times, self._t = [], [], 0.0
+            self.steps, self.exp_times, self.totals, self._t = [], [], [], 0.0
 
         def before_training_iteration(self, strategy, **kw):
             self._t = time.perf_counter()
@@ -76,17 +77,18 @@ def bench(methods, *, backbone="cifar_resnet32", weights=None, r=4, batch_size=3
             t0 = time.perf_counter()
             strategy.train(exp)
             total = time.perf_counter() - t0
+            timer.totals.append(total)
             timer.exp_times.append(total - sum(timer.steps[-(iters - 1):]))
     out = {}
     for m, (_, timer) in runs.items():
         out[m] = dict(step=statistics.median(timer.steps), per_experience=statistics.median(timer.exp_times),
-                      n_steps=len(timer.steps))
+                      whole=sum(timer.totals), n_steps=len(timer.steps))
     return out
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m experiments.bench_methods", description=__doc__.splitlines()[0])
-    ap.add_argument("--methods", default="merge_lora,per_task_lora,codyra,eblora,naive")
+    ap.add_argument("--methods", default="merge_lora,per_task_lora,codyra,eblora,inflora,sd_lora,o_lora,naive")
     ap.add_argument("--backbone", default="cifar_resnet32")
     ap.add_argument("--backbone-weights", default=None)
     ap.add_argument("--r", type=int, default=4)
@@ -100,13 +102,14 @@ def main(argv=None) -> int:
         methods.insert(0, "merge_lora")
     res = bench(methods, backbone=args.backbone, weights=args.backbone_weights, r=args.r,
                 batch_size=args.batch_size, iters=args.iters, rounds=args.rounds, threads=args.threads)
-    ref = res["merge_lora"]["step"]
+    ref, ref_whole = res["merge_lora"]["step"], res["merge_lora"]["whole"]
     print(f"backbone {args.backbone}, r={args.r}, batch {args.batch_size}, {args.rounds} experiences x "
           f"{args.iters} iterations per method, interleaved; medians")
-    print("| method | step ms | step / merge_lora | per-experience overhead s |")
-    print("|---|---|---|---|")
+    print("| method | step ms | step / merge_lora | per-experience overhead s | whole run s | whole run / merge_lora |")
+    print("|---|---|---|---|---|---|")
     for m, v in res.items():
-        print(f"| {m} | {1000 * v['step']:.1f} | {v['step'] / ref:.2f} | {v['per_experience']:.2f} |")
+        print(f"| {m} | {1000 * v['step']:.1f} | {v['step'] / ref:.2f} | {v['per_experience']:.2f} | "
+              f"{v['whole']:.1f} | {v['whole'] / ref_whole:.2f} |")
     return 0
 
 

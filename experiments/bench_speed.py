@@ -53,7 +53,8 @@ def _base(name: str, quick: bool) -> tuple[nn.Module, object]:
 
 
 def build(name: str, variant: str, quick: bool = False) -> nn.Module:
-    """``variant``: ``full`` (every weight trains), ``ours`` (LoRA, unmerged), ``merged`` (ours merged and
+    """``variant``: ``full`` (every weight trains), ``ours`` (LoRA, unmerged), ``unfused`` (ours through autograd's
+    base and low-rank passes instead of the fused functions of ``models.lora``), ``merged`` (ours merged and
     unloaded), ``peft`` (PEFT LoRA, head trainable), ``frozen`` (only the head trains; timed with input gradients,
     see :func:`_step_fn`)."""
     from models import add_lora, merge_and_unload
@@ -70,10 +71,19 @@ def build(name: str, variant: str, quick: bool = False) -> nn.Module:
         for p in find_head(model)[1].parameters():
             p.requires_grad_(True)
         return model
-    if variant in ("ours", "merged"):
+    if variant in ("ours", "merged", "unfused"):
         add_lora(model, targets, r=R, alpha=R)
         if variant == "merged":
             model = merge_and_unload(model)
+        if variant == "unfused":  # what the fused functions replace: base pass + low-rank passes under autograd
+            import types
+
+            from models import lora_layers
+            from models.lora import LoRALayer
+
+            for _, m in lora_layers(model):
+                if getattr(m, "conv_mode", None) != "loralib":
+                    m._train_forward = types.MethodType(LoRALayer._train_forward, m)
         return model
     if variant == "peft":
         from peft import LoraConfig, inject_adapter_in_model
@@ -192,13 +202,13 @@ def main(argv=None) -> int:
         have_peft = True
     except ImportError:
         have_peft = False
-    variants = ["full", "frozen", "ours", "merged"] + (["peft"] if have_peft else [])
+    variants = ["full", "frozen", "ours", "unfused", "merged"] + (["peft"] if have_peft else [])
     batch = (torch.randn(args.batch_size, 3, 32, 32), torch.randint(0, 10, (args.batch_size,)))
     rows = {}
     for name in [m.strip() for m in args.models.split(",") if m.strip()]:
         models = {v: build(name, v, args.quick) for v in variants}
         train = {v: _step_fn(models[v], batch, input_grad=v == "frozen") for v in variants if v != "merged"}
-        infer = {v: _infer_fn(models[v], batch) for v in variants if v != "frozen"}
+        infer = {v: _infer_fn(models[v], batch) for v in variants if v not in ("frozen", "unfused")}
         infer["base"] = _infer_fn(models["full"], batch)
         t_train = {v: [] for v in train}
         t_infer = {v: [] for v in infer}
@@ -213,7 +223,7 @@ def main(argv=None) -> int:
         med = lambda xs: statistics.median(xs)  # noqa: E731
         row = dict(full_step=med(t_train["full"]), ours_step=med(t_train["ours"]), base_infer=med(t_infer["base"]),
                    ours_infer=med(t_infer["ours"]), merged_infer=med(t_infer["merged"]),
-                   frozen_step=med(t_train["frozen"]))
+                   frozen_step=med(t_train["frozen"]), unfused_step=med(t_train["unfused"]))
         # memory a step needs: activations saved for backward + gradients and SGD state of what trains
         for v in ("full", "ours"):
             grads = sum(p.numel() * p.element_size() for p in models[v].parameters() if p.requires_grad) / 2 ** 20
@@ -228,9 +238,9 @@ def main(argv=None) -> int:
 
     print(f"batch {args.batch_size}, r={R}, {args.threads} threads, medians of {args.reps} interleaved repetitions"
           f"{' (quick: small models)' if args.quick else ''}; times in ms")
-    head = ["model", "full step", "ours step", "ours / full", "frozen floor / full"]
+    head = ["model", "full step", "frozen floor", "ours step", "ours / floor", "unfused / floor", "ours / full"]
     if have_peft:
-        head += ["PEFT step", "PEFT / full"]
+        head += ["PEFT step", "PEFT / floor"]
     head += ["base infer", "ours unmerged / base", "ours merged / base"]
     if have_peft:
         head += ["PEFT unmerged / base"]
@@ -239,11 +249,12 @@ def main(argv=None) -> int:
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
     for name, r in rows.items():
-        cells = [name, f"{1e3 * r['full_step']:.1f}", f"{1e3 * r['ours_step']:.1f}",
-                 f"{r['ours_step'] / r['full_step']:.2f}",
-                 f"{r['frozen_step'] / r['full_step']:.2f}"]
+        floor = r["frozen_step"]
+        cells = [name, f"{1e3 * r['full_step']:.1f}", f"{1e3 * floor:.1f}", f"{1e3 * r['ours_step']:.1f}",
+                 f"{r['ours_step'] / floor:.2f}", f"{r['unfused_step'] / floor:.2f}",
+                 f"{r['ours_step'] / r['full_step']:.2f}"]
         if have_peft:
-            cells += [f"{1e3 * r['peft_step']:.1f}", f"{r['peft_step'] / r['full_step']:.2f}"]
+            cells += [f"{1e3 * r['peft_step']:.1f}", f"{r['peft_step'] / floor:.2f}"]
         cells += [f"{1e3 * r['base_infer']:.1f}", f"{r['ours_infer'] / r['base_infer']:.2f}",
                   f"{r['merged_infer'] / r['base_infer']:.2f}"]
         if have_peft:

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["LoRALayer", "LoRALinear", "LoRAConv2d", "CONV_MODES", "lora_scaling"]
+__all__ = ["LoRALayer", "LoRALinear", "LoRAConv2d", "CONV_MODES", "lora_scaling", "lora_linear", "lora_conv2d"]
 
 CONV_MODES = ("kxk_1x1", "loralib")
 
@@ -142,6 +142,10 @@ class LoRALayer(nn.Module):
             # e.g. inference: one pass with W + ΔW (ΔW is small to form) instead of the base pass plus two low-rank
             A, B, s = self._effective_factors()
             return self._forward_with_weight(x, self._weight_plus(A, B, s))
+        return self._train_forward(x)
+
+    def _train_forward(self, x: Tensor) -> Tensor:
+        """The pass with gradients: the base pass plus the low-rank ones; layer types fuse them."""
         return self._lora_add(self.base_layer(x), self.lora_dropout(x))
 
     def _forward_with_weight(self, x: Tensor, weight: Tensor) -> Tensor:
@@ -159,6 +163,122 @@ class LoRALayer(nn.Module):
 
     def extra_repr(self) -> str:
         return f"r={self.r}, alpha={self.alpha:g}, scaling={self.scaling:g}, merged={self.merged}"
+
+
+class _LoRALinearFunction(torch.autograd.Function):
+    """``y = x (W + B' A)ᵀ + b`` (``B' = s·B``) and its gradients, reading the full-size activation ``x`` and output
+    gradient ``g`` as few times as the math allows (on a CPU a LoRA layer's cost is memory traffic, not arithmetic):
+
+    * forward: ``W' = W + B' A`` (out × in: the size of a weight, not of an activation), ``y = x W'ᵀ + b`` (the
+      frozen layer's own GEMM: no separate read-add-write of ``y``), ``h = x Aᵀ`` (N × r, saved);
+    * backward: ``grad_x = g W'`` (the frozen layer's own input-gradient GEMM; LoRA's term ``(g B') A`` rides in
+      it, no second product to accumulate), ``u = g B'``, ``grad_A = uᵀ x``, ``grad_B' = gᵀ h``.
+
+    Autograd over ``base(x) + B'(A x)`` does the same arithmetic with one more pass over ``y`` in the forward and,
+    in the backward, a separate N × in input-gradient product plus its accumulation.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, Bs: Tensor) -> Tensor:
+        w = torch.addmm(weight, Bs, A)
+        y = F.linear(x, w, bias)
+        h = F.linear(x, A)
+        ctx.save_for_backward(x, w, A, Bs, h)
+        ctx.has_bias = bias is not None
+        return y
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        x, w, A, Bs, h = ctx.saved_tensors
+        need_x, need_w, need_b, need_A, need_B = ctx.needs_input_grad
+        g2 = g.reshape(-1, g.shape[-1])
+        x2 = x.reshape(-1, x.shape[-1])
+        grad_x = grad_w = grad_b = grad_A = grad_B = None
+        if need_x:
+            grad_x = (g2 @ w).view(x.shape)
+        if need_A:
+            grad_A = (g2 @ Bs).t() @ x2
+        if need_B:
+            grad_B = g2.t() @ h.reshape(-1, h.shape[-1])
+        if need_w:  # a trainable base weight (this library freezes it): the gradient of x Wᵀ
+            grad_w = g2.t() @ x2
+        if need_b and ctx.has_bias:
+            grad_b = g2.sum(0)
+        return grad_x, grad_w, grad_b, grad_A, grad_B
+
+
+def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Tensor, scale=1.0) -> Tensor:
+    """``F.linear(x, weight, bias) + scale · (x Aᵀ) Bᵀ`` with gradients for every input that requires one, through
+    :class:`_LoRALinearFunction` (the scale is put on the small ``B`` first, so a learnt scale gets its gradient
+    from autograd). Under autocast it falls back to the unfused expression, which autocast knows how to cast."""
+    Bs = B * scale
+    if torch.is_autocast_enabled(x.device.type):
+        return F.linear(x, weight, bias) + F.linear(F.linear(x, A), Bs)
+    return _LoRALinearFunction.apply(x, weight, bias, A, Bs)
+
+
+class _LoRAConvFunction(torch.autograd.Function):
+    """The k×k / 1×1 LoRA conv (HF PEFT's shape) and its gradients, with the frozen conv's own passes carrying the
+    update, as :class:`_LoRALinearFunction` does for Linear (``B'`` = s·B, grouped per the base conv's groups):
+
+    * forward: ``W' = W + B' A`` (per group, weight-sized), ``y = conv(x, W') + b``, ``h = conv_A(x)`` (r channels,
+      saved);
+    * backward: ``grad_x = conv_inputgrad(g, W')`` (the frozen conv's own; LoRA's term rides in it),
+      ``u = B'ᵀ g`` (1×1, r channels), ``grad_A = conv_weightgrad(x, u)``, ``grad_B' = conv_weightgrad(h, g)`` (1×1).
+
+    Autograd over ``base(x) + conv1x1_B'(conv_A(x))`` computes the full-size 1×1 output and adds it in the forward,
+    and runs A's k×k input-gradient conv (N × in × H × W) and its accumulation in the backward; training through
+    ``conv(x, W + ΔW)`` under autograd instead pays the base conv's full weight gradient. ``x`` arrives padded when
+    the conv pads other than with zeros (``padding`` is then 0).
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, A, Bs, stride, padding, dilation, groups):
+        out_c = weight.shape[0]
+        w = torch.baddbmm(weight.reshape(groups, out_c // groups, -1), Bs.reshape(groups, out_c // groups, -1),
+                          A.reshape(groups, A.shape[0] // groups, -1)).reshape(weight.shape)
+        y = F.conv2d(x, w, bias, stride, padding, dilation, groups)
+        h = F.conv2d(x, A, None, stride, padding, dilation, groups)
+        ctx.save_for_backward(x, w, A, Bs, h)
+        ctx.conf = (stride, padding, dilation, groups)
+        ctx.has_bias = bias is not None
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        x, w, A, Bs, h = ctx.saved_tensors
+        stride, padding, dilation, groups = ctx.conf
+        need_x, need_w, need_b, need_A, need_B = ctx.needs_input_grad[:5]
+        grad_x = grad_w = grad_b = grad_A = grad_B = None
+        if need_x:
+            grad_x = torch.nn.grad.conv2d_input(x.shape, w, g, stride, padding, dilation, groups)
+        if need_A:
+            u = F.conv_transpose2d(g, Bs, groups=groups)  # B'ᵀ g: the 1×1 conv's input gradient
+            grad_A = torch.nn.grad.conv2d_weight(x, A.shape, u, stride, padding, dilation, groups)
+        if need_B:
+            grad_B = torch.nn.grad.conv2d_weight(h, Bs.shape, g, 1, 0, 1, groups)
+        if need_w:  # a trainable base weight (this library freezes it)
+            grad_w = torch.nn.grad.conv2d_weight(x, w.shape, g, stride, padding, dilation, groups)
+        if need_b and ctx.has_bias:
+            grad_b = g.sum((0, 2, 3))
+        return grad_x, grad_w, grad_b, grad_A, grad_B, None, None, None, None
+
+
+def lora_conv2d(x: Tensor, conv: nn.Conv2d, A: Tensor, B: Tensor, scale=1.0) -> Tensor:
+    """``conv(x) + scale · conv1x1_B(conv_A(x))`` (A a k×k conv with ``conv``'s stride, padding, dilation, padding
+    mode and groups; B a 1×1 conv grouped alike), through :class:`_LoRAConvFunction`. Under autocast it falls back
+    to the unfused expression."""
+    Bs = B * scale
+    if torch.is_autocast_enabled(x.device.type):
+        return conv(x) + F.conv2d(conv._conv_forward(x, A, None), Bs, groups=conv.groups)
+    padding = conv.padding
+    if conv.padding_mode != "zeros":  # what nn.Conv2d does: pad by hand, then convolve without padding
+        x = F.pad(x, conv._reversed_padding_repeated_twice, mode=conv.padding_mode)
+        padding = (0, 0)
+    if isinstance(padding, str):  # "same" / "valid": a string nn.Conv2d resolves per call
+        return conv(x) + F.conv2d(conv._conv_forward(x, A, None), Bs, groups=conv.groups)
+    return _LoRAConvFunction.apply(x, conv.weight, conv.bias, A, Bs, conv.stride, padding, conv.dilation,
+                                   conv.groups)
 
 
 class LoRALinear(LoRALayer):
@@ -196,6 +316,12 @@ class LoRALinear(LoRALayer):
         if isinstance(s, Tensor):  # a learnt magnitude: on the small factor, then one addmm
             return torch.addmm(self.base_layer.weight, B * s, A)
         return torch.addmm(self.base_layer.weight, B, A, alpha=s)
+
+    def _train_forward(self, x: Tensor) -> Tensor:
+        if not isinstance(self.lora_dropout, nn.Identity):  # the adapter sees another input than the base layer
+            return super()._train_forward(x)
+        A, B, s = self._effective_factors()
+        return lora_linear(x, self.base_layer.weight, self.base_layer.bias, A, B, s)
 
     def _lora_add(self, out: Tensor, x: Tensor) -> Tensor:
         # one fused addmm: the scale goes on the small B, the sum into the product's output
@@ -282,6 +408,12 @@ class LoRAConv2d(LoRALayer):
         # A reuses the base conv's stride/padding/dilation/padding_mode/groups; B is a 1×1 conv
         return F.conv2d(base._conv_forward(x, A, None), B, groups=base.groups)
 
+    def _train_forward(self, x: Tensor) -> Tensor:
+        if self.conv_mode == "loralib" or not isinstance(self.lora_dropout, nn.Identity):
+            return super()._train_forward(x)
+        A, B, s = self._effective_factors()
+        return lora_conv2d(x, self.base_layer, A, B, s)
+
     def _lora_add(self, out: Tensor, x: Tensor) -> Tensor:
         if self.conv_mode == "loralib":
             return out + self._lora_forward(x)
@@ -305,10 +437,12 @@ class LoRAConv2d(LoRALayer):
         return torch.baddbmm(w.reshape(g, w.shape[0] // g, -1), b, a, alpha=s).reshape(w.shape)
 
     def _merged_weight_training(self) -> bool:
-        """Train through ``conv(x, W + ΔW)`` rather than the two low-rank convs when those are relatively costly:
-        the k×k conv to r channels costs r/out of the base conv (with its backward), the merged weight one weight
-        gradient of the base conv's size; measured on CPU, the merged form wins from r/out >= 1/8. The loralib
-        shape always goes through its weight."""
+        """Train through ``conv(x, W + ΔW)`` under autograd (the base conv's full weight gradient, then the small
+        products down to A and B) rather than the fused low-rank function when A's k×k conv to r channels is
+        relatively costly: it costs r/out of the base conv, forward and weight gradient. Measured on CPU
+        (``experiments.bench_speed``: the CIFAR ResNet-32 at r = 8, out 16-64, 1.66× the frozen floor fused and
+        1.2× through the weight), the weight form wins from r/out >= 1/8. The loralib shape's B A (r·k, in·k)
+        does not factor into two convs: it always goes through its weight."""
         return self.conv_mode == "loralib" or 8 * self.r >= self.base_layer.out_channels
 
     def _through_weight(self) -> bool:

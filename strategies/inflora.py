@@ -139,8 +139,11 @@ class InfLoRAPlugin(ClassMaskMixin, AdapterPluginMixin, SupervisedPlugin, suppor
     over the current task's classes (L220-225); training recipe in :class:`InfLoRA`. Deviations kept:
 
     * the covariances use the experience's eval transforms (the official passes read the augmented train loader);
-    * A is projected once more exactly onto the allowed space, and a first-task basis larger than d/2 is stored by
-      its complement (the official code would store it as "retain" and then fail its assert);
+    * A is projected once more exactly onto the allowed space (the official code takes the top-r singular vectors of
+      the projected covariance as they are: when that covariance has rank < r, the extra vectors are arbitrary and
+      can point into protected inputs; otherwise the projection changes nothing but rounding), and a first-task
+      basis larger than d/2 is stored by its complement (the official code would store it as "retain" and then
+      fail its assert);
     * any Linear or ungrouped conv can be adapted (the paper: K and V of every ViT block), with one A per layer;
     * each covariance pass reads only the images it needs: ``cov_samples`` rows per input dimension in every
       adapted layer (``cov_samples · d`` rows; a ViT layer gets all tokens of each image read, a conv layer random

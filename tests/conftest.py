@@ -21,6 +21,9 @@ _SLOW_FIXTURES = {"cifar10_npz", "mnist_npz", "resnet32_weights", "mobilenet_v2_
 # end-to-end: whole runs through the CLI or a strategy over real-size models, each seconds to a minute
 _SLOW_FILES = {"test_notebooks.py", "test_bench.py", "test_suite.py", "test_run.py", "test_reliability.py",
                "test_zoo.py"}
+# ... but for their unit tests on made values, which run in milliseconds
+_FAST_IN_SLOW_FILES = {"test_summarize_against_hand_computed_values", "test_hand_counts_of_the_backbones",
+                       "test_every_registry_method_has_a_hand_count", "test_same_pad_matches_tensorflow_same_arithmetic"}
 
 
 def pytest_collection_modifyitems(config, items):
@@ -29,7 +32,8 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         fn = getattr(item, "function", None)
         source = inspect.getsource(fn) if fn is not None else ""
-        if (_SLOW_FIXTURES & set(getattr(item, "fixturenames", ()))) or item.path.name in _SLOW_FILES \
+        slow_file = item.path.name in _SLOW_FILES and item.originalname not in _FAST_IN_SLOW_FILES
+        if (_SLOW_FIXTURES & set(getattr(item, "fixturenames", ()))) or slow_file \
                 or "subprocess" in source or "torchrun" in source:
             item.add_marker(pytest.mark.slow)
 

@@ -179,6 +179,22 @@ def test_inflora_designed_A_is_top_singular_vectors_of_projected_covariance_over
     assert float((A_fc - A_fc @ F_fc @ F_fc.T).abs().max()) < 1e-6
 
 
+def test_inflora_designed_A_stays_in_the_allowed_space_when_it_is_smaller_than_r():
+    """A "retain" basis of one direction at r = 2: the projected covariance has rank 1, so its second singular
+    vector is arbitrary (orthogonal to the allowed direction). The designed A must still lie inside the allowed span
+    (its second row vanishes): B A may touch no protected input direction."""
+    model, plugin, x, y, _ = _inflora_setup()
+    plugin.before_training_exp(_strategy(model, x, y, exp=0, mb=4))
+    gen = torch.Generator().manual_seed(2)
+    F_fc = _orthonormal(6, 1, gen)
+    plugin.subspaces = {"conv": _orthonormal(18, 5, gen).float(), "fc": F_fc.float()}
+    plugin.subspace_kinds = {"conv": "remove", "fc": "retain"}
+    plugin.before_training_exp(_strategy(model, x, y, exp=1, mb=3))
+    A = model.fc.lora_A.detach().reshape(2, -1).to(DT)
+    assert float((A - A @ F_fc @ F_fc.T).abs().max()) < 1e-6
+    assert float(A.norm(dim=1).max()) == pytest.approx(1 / math.sqrt(3), abs=1e-5)  # the allowed row keeps its norm
+
+
 def _official_dualgpm(feature, kind, act, threshold):
     """``update_DualGPM`` of liangyanshuo/InfLoRA @ e08b00e methods/inflora.py L321-396 for one layer, in numpy.
     Returns ``(feature, kind, r)``; a first-task basis of r >= d/2 directions is returned as its *protected* span

@@ -178,13 +178,15 @@ def test_bad_layer_arguments_raise_clear_errors(make, match):
 @pytest.mark.parametrize("mode", ["kxk_1x1", "loralib"])
 @pytest.mark.parametrize("case", CONV_CASES[:4], ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()))
 def test_training_path_equals_inference_path(mode, case):
-    """With gradients on, the update is applied as low-rank passes (or, for convs where r/out >= 1/8, through
-    W + ΔW); without, as one pass with W + ΔW. All forms compute the same function."""
+    """With gradients on, the update is applied by the fused low-rank function (for convs where r/out >= 1/8,
+    and the loralib shape, through W + ΔW under autograd); without, as one pass with W + ΔW. All forms compute the
+    same function."""
     from models import GateLoRAConv2d, GateLoRALinear, StiefelLoRALinear
 
-    wide = LoRAConv2d(nn.Conv2d(6, 40, **case), r=2, conv_mode=mode)  # 8·r < out: the two low-rank convs
+    wide = LoRAConv2d(nn.Conv2d(6, 40, **case), r=2, conv_mode=mode)  # 8·r < out: the fused low-rank function
     narrow = LoRAConv2d(nn.Conv2d(6, 10, **case), r=2, conv_mode=mode)  # 8·r >= out: conv(x, W + ΔW)
-    assert mode == "loralib" or (not wide._merged_weight_training() and narrow._merged_weight_training())
+    with torch.enable_grad():
+        assert narrow._through_weight() and wide._through_weight() == (mode == "loralib")
     layers = [wide, narrow, LoRALinear(nn.Linear(9, 7), r=3),
               GateLoRAConv2d(nn.Conv2d(6, 10, **case), r=2, conv_mode=mode), GateLoRALinear(nn.Linear(9, 7), r=3),
               StiefelLoRALinear(nn.Linear(9, 7), r=3)]

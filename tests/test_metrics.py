@@ -64,6 +64,12 @@ def test_summarize_forward_transfer_and_pilot_names():
     assert s["forward_transfer"] == pytest.approx(((0.3 - 0.2) + (0.4 - 0.1)) / 2)
     assert s["A_last"] == pytest.approx(0.5) and s["A_avg"] == pytest.approx((0.9 + 0.7 + 0.5) / 3)
     assert forgetting_curve(m)[1:] == pytest.approx([0.3, (0.6 + 0.3) / 2])
+    # Avalanche's forgetting: accuracy right after learning j minus the final one (positive = forgotten); BWT the
+    # final minus right after (negative = forgotten), over every experience but the last
+    assert s["forgetting_per_experience"] == pytest.approx([0.9 - 0.3, 0.8 - 0.5])
+    assert s["average_forgetting"] == pytest.approx(0.45) and s["bwt"] == pytest.approx(-0.45)
+    gained = summarize([[0.5, 0.1], [0.7, 0.9]])  # the first task improved later: negative forgetting, positive BWT
+    assert gained["average_forgetting"] == pytest.approx(-0.2) and gained["bwt"] == pytest.approx(0.2)
 
 
 def test_parameter_growth_merged_and_per_task():

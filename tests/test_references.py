@@ -64,8 +64,8 @@ def ref_conv_loralib(x, base: nn.Conv2d, A, B, s):
     return _conv_ref(x, base, base.weight + s * (B @ A).view(base.weight.shape), base.bias)
 
 
-# every conv kind, narrow (out 8: trains through one pass with W + ΔW) and wide (out 24 with r 2: trains through the
-# two low-rank convs); depthwise needs r = groups, so it always takes the W + ΔW pass
+# every conv kind, narrow (out 8 with r 2: trains through conv(x, W + ΔW), as loralib always does) and wide (out 24:
+# the fused low-rank function, models.lora.lora_conv2d); depthwise needs r = groups, so it is always narrow
 CONVS = {
     "3x3": lambda o: nn.Conv2d(6, o, 3, padding=1),
     "3x3_no_bias": lambda o: nn.Conv2d(6, o, 3, padding=1, bias=False),
@@ -90,18 +90,22 @@ def _cases():
 
 
 def _check_all_paths(layer, ref, x):
-    """Output with gradients (training), without, and merged, against ``ref(x, A, B)``; factor gradients too."""
+    """Output with gradients (training), without, and merged, against ``ref(x, A, B)``; factor gradients and the
+    input gradient (what adapters in earlier layers train on) too."""
     A = layer.lora_A.detach().clone().requires_grad_(True)
     B = layer.lora_B.detach().clone().requires_grad_(True)
-    expected = ref(x, A, B)
+    x_ref = x.detach().clone().requires_grad_(True)
+    expected = ref(x_ref, A, B)
     layer.train()
-    out = layer(x)
+    x_in = x.detach().clone().requires_grad_(True)
+    out = layer(x_in)
     torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10)
     g = torch.randn_like(out)
     out.backward(g)
     expected.backward(g)
     torch.testing.assert_close(layer.lora_A.grad, A.grad, rtol=1e-9, atol=1e-9)
     torch.testing.assert_close(layer.lora_B.grad, B.grad, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(x_in.grad, x_ref.grad, rtol=1e-9, atol=1e-9)
     assert all(p.grad is None for p in layer.base_layer.parameters()), "the base layer must stay frozen"
     with torch.no_grad():
         torch.testing.assert_close(layer(x), expected.detach(), rtol=1e-10, atol=1e-10)
@@ -123,6 +127,48 @@ def test_linear_against_matmul_of_factors(bias):
     _check_all_paths(layer, lambda x, A, B: ref_linear(x, layer.base_layer, A, B, 2.0), x)
 
 
+def test_fused_linear_function_gradcheck():
+    """The fused training pass (``models.lora.lora_linear``: one GEMM with ``W + s·B A`` forward, one for the input
+    gradient backward) against finite differences, for every input that can require a gradient: the input, a
+    trainable base weight and bias, both factors and a learnt scale (SD-LoRA's magnitudes)."""
+    from models.lora import lora_linear
+
+    torch.manual_seed(0)
+    x = torch.randn(3, 2, 5, requires_grad=True)
+    W, b = torch.randn(4, 5, requires_grad=True), torch.randn(4, requires_grad=True)
+    A, B = torch.randn(2, 5, requires_grad=True), torch.randn(4, 2, requires_grad=True)
+    s = torch.tensor(0.7, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda *t: lora_linear(*t), (x, W, b, A, B, s))
+    assert torch.autograd.gradcheck(lambda x, A, B: lora_linear(x, W.detach(), None, A, B, 1.5), (x, A, B))
+
+
+@pytest.mark.parametrize("name", ["3x3", "grouped", "stride2_dilation2", "reflect"])
+def test_fused_conv_function_gradcheck(name):
+    """The fused k×k / 1×1 training pass (``models.lora.lora_conv2d``) against finite differences: input, trainable
+    base weight and bias, both factors, a learnt scale; grouped, strided and dilated, reflect-padded convs."""
+    from models.lora import lora_conv2d
+
+    torch.manual_seed(0)
+    conv = CONVS[name](4)
+    r = 2
+    A = torch.randn(r, conv.weight.shape[1], *conv.kernel_size, requires_grad=True)
+    B = torch.randn(4, r // conv.groups, 1, 1, requires_grad=True)
+    s = torch.tensor(0.7, requires_grad=True)
+    x = torch.randn(2, conv.in_channels, 6, 7, requires_grad=True)
+
+    assert torch.autograd.gradcheck(lambda x, A, B, s: lora_conv2d(x, conv, A, B, s), (x, A, B, s))
+    # the base weight and bias as trainable inputs too (the library freezes them; the function must not assume it)
+    w0, b0 = conv.weight.detach().clone().requires_grad_(True), conv.bias.detach().clone().requires_grad_(True)
+    from models.lora import _LoRAConvFunction
+
+    pad = conv.padding if conv.padding_mode == "zeros" else (0, 0)
+    xp = x if conv.padding_mode == "zeros" else F.pad(x.detach(), conv._reversed_padding_repeated_twice,
+                                                      mode=conv.padding_mode).requires_grad_(True)
+    assert torch.autograd.gradcheck(
+        lambda x, w, b, A, B: _LoRAConvFunction.apply(x, w, b, A, B, conv.stride, pad, conv.dilation, conv.groups),
+        (xp, w0, b0, A, B))
+
+
 @pytest.mark.parametrize("rslora", [False, True])
 def test_linear_scale_is_alpha_over_r_or_sqrt_r(rslora):
     torch.manual_seed(0)
@@ -137,11 +183,23 @@ def test_conv_against_plain_convolutions(name, width, mode):
     base = CONVS[name](width)
     r = base.groups if name == "depthwise" else 2
     layer = _randomise(LoRAConv2d(base, r=r, alpha=3.0 * r, conv_mode=mode))
-    with torch.enable_grad():  # which training pass this case exercises
+    with torch.enable_grad():  # which training pass this case exercises: the fused function, or W + ΔW
         assert layer._through_weight() == (mode == "loralib" or width == 8)
     x = torch.randn(2, base.in_channels, 9, 10)
     ref = ref_conv_loralib if mode == "loralib" else ref_conv_kxk_1x1
     _check_all_paths(layer, lambda x, A, B: ref(x, base, A, B, 3.0), x)
+
+
+@pytest.mark.parametrize("width", [16, 80])
+def test_grouped_conv_with_several_ranks_per_group(width):
+    """groups = 4 with r = 8: two ranks per group, so A's rows must be read group-major (with one rank per group
+    every layout gives the same update). Out 16 trains through W + ΔW, out 80 through the fused function."""
+    torch.manual_seed(0)
+    base = nn.Conv2d(8, width, 3, padding=1, groups=4)
+    layer = _randomise(LoRAConv2d(base, r=8, alpha=4.0))
+    with torch.enable_grad():
+        assert layer._through_weight() == (width == 16)
+    _check_all_paths(layer, lambda x, A, B: ref_conv_kxk_1x1(x, base, A, B, 0.5), torch.randn(2, 8, 7, 6))
 
 
 def test_dropout_reaches_only_the_adapter_input():
