@@ -58,9 +58,13 @@ def bench(methods, *, backbone="cifar_resnet32", weights=None, r=4, batch_size=3
         np.savez(path, x_train=x, y_train=y, x_test=x[one_per_class], y_test=y[one_per_class])
         bm = arrays_benchmark(path, rounds, seed=seed, normalization=((0.5,) * 3, (0.25,) * 3))
 
+    from experiments.run import REGISTRY
+    from strategies.registry import method_options
+
     runs = {}
     for m in methods:
-        cfg = dict(DEFAULTS, method=m, backbone=backbone, backbone_weights=weights, r=r, lr=lr,
+        rank = r if "r" in method_options(REGISTRY[m]) else None  # the baselines have no adapter rank
+        cfg = dict(DEFAULTS, method=m, backbone=backbone, backbone_weights=weights, r=rank, lr=lr,
                    batch_size=batch_size, seed=seed)
         torch.manual_seed(seed)
         model = build_model(cfg, n_classes, 2)

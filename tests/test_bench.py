@@ -22,7 +22,8 @@ def test_bench_speed_quick_prints_the_table(capsys, tmp_path):
 
 
 def test_bench_methods_prints_ratios(capsys):
-    assert bench_methods.main(["--methods", "merge_lora,codyra", "--backbone", "cifar_resnet20", "--rounds", "1",
+    assert bench_methods.main(["--methods", "merge_lora,codyra,naive", "--backbone", "cifar_resnet20", "--rounds", "1",
                                "--iters", "3", "--batch-size", "8", "--r", "2"]) == 0
     out = capsys.readouterr().out
     assert "| merge_lora |" in out and "| 1.00 |" in out and "| codyra |" in out and "whole run / merge_lora" in out
+    assert "| naive |" in out  # a baseline without adapters runs beside them
