@@ -24,13 +24,15 @@ from .recipe import TrainingRecipe
 __all__ = ["InfLoRAPlugin", "InfLoRA", "dualgpm_update"]
 
 
-def left_singular(M: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def left_singular(M: torch.Tensor, *, psd: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Left singular vectors and squared singular values of a square ``M``, largest first, from the symmetric
     eigendecomposition of ``M Mᵀ`` in float64 (several times faster than an SVD; the energies ``σ²`` come out
-    directly). Robust: the Gram matrix is symmetrised; if ``eigh`` does not converge (ill-conditioned covariances
-    of wide convs) it is retried with a small diagonal jitter, and an SVD of ``M`` is the last resort."""
+    directly). ``psd=True``: ``M`` is symmetric positive semi-definite (a covariance), so its own eigenvectors are
+    its singular vectors and ``σ² = λ²``: no Gram product (d³) is formed. Robust: the matrix is symmetrised; if
+    ``eigh`` does not converge (ill-conditioned covariances of wide convs) it is retried with a small diagonal
+    jitter, and an SVD of ``M`` is the last resort."""
     M = M.double()
-    G = M @ M.T
+    G = M if psd else M @ M.T
     G = (G + G.T) / 2
     try:
         lam, U = torch.linalg.eigh(G)
@@ -42,7 +44,8 @@ def left_singular(M: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         except torch.linalg.LinAlgError:
             U, S, _ = torch.linalg.svd(M)
             return U, S ** 2
-    return U.flip(1), lam.flip(0).clamp_min(0)
+    lam = lam.flip(0).clamp_min(0)
+    return U.flip(1), lam ** 2 if psd else lam
 
 
 def dualgpm_update(F_: torch.Tensor | None, kind: str | None, H: torch.Tensor, threshold: float):
@@ -56,11 +59,11 @@ def dualgpm_update(F_: torch.Tensor | None, kind: str | None, H: torch.Tensor, t
     d = H.shape[0]
     H = H.double()
     F_ = None if F_ is None else F_.to(H)
-    U, energy = left_singular(H)
-    total = float(energy.sum())
+    total = float((H * H).sum())  # Σσ² = ‖H‖²_F: no decomposition needed for the total energy
     if total == 0.0:
         return F_, kind
     if F_ is None:  # first task: the top directions holding `threshold` of the energy
+        U, energy = left_singular(H, psd=True)
         k = int((torch.cumsum(energy, 0) / total < threshold).sum())
         F_, kind = U[:, : max(k, 1)], "remove"
     elif kind == "remove":
@@ -294,7 +297,7 @@ class InfLoRAPlugin(ClassMaskMixin, AdapterPluginMixin, SupervisedPlugin, suppor
                 if F_ is not None:
                     F_ = F_.to(H)
                     H = H - F_ @ (F_.T @ H) if kind == "remove" else F_ @ (F_.T @ H)
-                U = left_singular(H)[0][:, : layer.r]
+                U = left_singular(H, psd=F_ is None)[0][:, : layer.r]
                 A = U.T
                 if F_ is not None:  # exactly inside the allowed space (directions of zero energy included)
                     A = A - (A @ F_) @ F_.T if kind == "remove" else (A @ F_) @ F_.T

@@ -270,6 +270,19 @@ def test_inflora_decomposition_survives_an_ill_conditioned_covariance(monkeypatc
                                rtol=0)
 
 
+def test_inflora_psd_decomposition_equals_the_svd():
+    """A covariance's own eigendecomposition (``psd=True``, no Gram product) gives the SVD's singular vectors and
+    squared singular values, as the Gram form does."""
+    g = torch.Generator().manual_seed(1)
+    X = torch.randn(200, 30, generator=g, dtype=torch.float64) * torch.linspace(3, 0.1, 30, dtype=torch.float64)
+    H = X.T @ X / 200
+    Us, S, _ = torch.linalg.svd(H)
+    for U, E in (left_singular(H, psd=True), left_singular(H)):
+        torch.testing.assert_close(E, S ** 2, rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close((U[:, :5].T @ Us[:, :5]).abs(), torch.eye(5, dtype=torch.float64), atol=1e-8,
+                                   rtol=0)
+
+
 def test_pretrained_batchnorm_in_train_mode_is_warned_once(resnet32_weights):
     from models import cifar_resnet
     from strategies import FreezeBatchNormPlugin
