@@ -283,6 +283,22 @@ def test_inflora_psd_decomposition_equals_the_svd():
                                    rtol=0)
 
 
+def test_inflora_top_r_singular_vectors_equal_the_svds():
+    """Only the top r eigenpairs (LAPACK's subset driver) for the designed A: the SVD's top r left singular vectors
+    of a covariance and of a projected (non-symmetric) one, up to sign; r >= d falls back to the full form."""
+    g = torch.Generator().manual_seed(2)
+    X = torch.randn(300, 24, generator=g, dtype=torch.float64) * torch.linspace(4, 0.2, 24, dtype=torch.float64)
+    H = X.T @ X / 300
+    F_ = torch.linalg.qr(torch.randn(24, 5, generator=g, dtype=torch.float64))[0]
+    for M, psd in ((H, True), (H - F_ @ (F_.T @ H), False)):
+        Us = torch.linalg.svd(M)[0][:, :4]
+        U, E = left_singular(M, psd=psd, top=4)
+        assert U.shape == (24, 4)
+        torch.testing.assert_close((U.T @ Us).abs(), torch.eye(4, dtype=torch.float64), atol=1e-8, rtol=0)
+        torch.testing.assert_close(E, torch.linalg.svdvals(M)[:4] ** 2, rtol=1e-9, atol=1e-12)
+    assert left_singular(H[:3, :3], psd=True, top=5)[0].shape == (3, 3)
+
+
 def test_pretrained_batchnorm_in_train_mode_is_warned_once(resnet32_weights):
     from models import cifar_resnet
     from strategies import FreezeBatchNormPlugin

@@ -250,6 +250,26 @@ def _spectrum_matrix(energies, basis):
     return basis @ torch.diag(sig) @ basis.T
 
 
+@pytest.mark.parametrize("threshold", [0.2, 0.55])
+def test_dualgpm_growth_on_a_wide_layer_matches_the_official_code(threshold):
+    """d = 80: the library computes a "remove" basis's growth from the top 32 eigenpairs first and all of them
+    only when those fall short (threshold 0.55 needs more than 32 new directions, 0.2 fewer); either way the
+    result is the official code's (numpy, full SVD)."""
+    gen = torch.Generator().manual_seed(4)
+    d = 80
+    e1 = [60.0, 30.0, 20.0] + list(np.linspace(0.5, 0.01, d - 3))
+    H1 = _spectrum_matrix(e1, _orthonormal(d, d, gen))
+    F_ref, kind_ref, r1 = _official_dualgpm(None, None, H1.numpy(), 0.8)
+    F1, kind1 = dualgpm_update(None, None, H1, 0.8)
+    assert kind_ref == kind1 == "remove" and F1.shape[1] == r1 < 10
+    H2 = _spectrum_matrix(list(np.linspace(2.0, 1.0, d)), _orthonormal(d, d, gen))
+    F2_ref, _, r2 = _official_dualgpm(F_ref, "remove", H2.numpy(), threshold)
+    assert (r2 > 32) == (threshold == 0.55) and F2_ref.shape[1] < d / 2
+    F2, kind2 = dualgpm_update(F1, kind1, H2, threshold)
+    assert kind2 == "remove" and F2.shape == F2_ref.shape
+    torch.testing.assert_close(_proj(F2), _proj(F2_ref), atol=1e-7, rtol=0)
+
+
 def test_dualgpm_update_matches_the_official_energy_criterion():
     """DualGPM (methods/inflora.py L321-396) recomputed in numpy on crafted covariances with known energies:
     first task ``r = #(cumsum(σ²)/Σσ² < eps)`` (L332, no +1), later "remove" layers grown by the top residual
