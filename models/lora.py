@@ -196,10 +196,12 @@ class _LoRALinearFunction(torch.autograd.Function):
         grad_x = grad_w = grad_b = grad_A = grad_B = None
         if need_x:
             grad_x = (g2 @ w).view(x.shape)
+        # the skinny products in the operand layouts BLAS streams fastest (measured on CPU, N = 4160, d = 768, r = 8:
+        # g (Bᵀ)ᵀ with Bᵀ contiguous 1.1 ms against 4.5 ms for g B; (hᵀ g)ᵀ 0.8 ms against 7.6 ms for gᵀ h)
         if need_A:
-            grad_A = (g2 @ Bs).t() @ x2
+            grad_A = F.linear(g2, Bs.t().contiguous()).t() @ x2
         if need_B:
-            grad_B = g2.t() @ h.reshape(-1, h.shape[-1])
+            grad_B = (h.reshape(-1, h.shape[-1]).t() @ g2).t()
         if need_w:  # a trainable base weight (this library freezes it): the gradient of x Wᵀ
             grad_w = g2.t() @ x2
         if need_b and ctx.has_bias:
