@@ -14,6 +14,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
 __all__ = ["LoRALayer", "LoRALinear", "LoRAConv2d", "CONV_MODES", "lora_scaling", "lora_linear", "lora_conv2d"]
 
@@ -188,6 +189,7 @@ class _LoRALinearFunction(torch.autograd.Function):
         return y
 
     @staticmethod
+    @once_differentiable  # a second derivative through it raises instead of silently missing terms
     def backward(ctx, g: Tensor):
         x, w, A, Bs, h = ctx.saved_tensors
         need_x, need_w, need_b, need_A, need_B = ctx.needs_input_grad
@@ -247,6 +249,7 @@ class _LoRAConvFunction(torch.autograd.Function):
         return y
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, g):
         x, w, A, Bs, h = ctx.saved_tensors
         stride, padding, dilation, groups = ctx.conf

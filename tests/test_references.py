@@ -140,6 +140,10 @@ def test_fused_linear_function_gradcheck():
     s = torch.tensor(0.7, requires_grad=True)
     assert torch.autograd.gradcheck(lambda *t: lora_linear(*t), (x, W, b, A, B, s))
     assert torch.autograd.gradcheck(lambda x, A, B: lora_linear(x, W.detach(), None, A, B, 1.5), (x, A, B))
+    # no second derivative: asking for one is an error, not a silently missing term
+    (gx,) = torch.autograd.grad(lora_linear(x, W, b, A, B, s).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable|does not require grad|not have a grad_fn"):
+        gx.sum().backward()
 
 
 @pytest.mark.parametrize("name", ["3x3", "grouped", "stride2_dilation2", "reflect"])
