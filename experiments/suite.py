@@ -358,6 +358,8 @@ def aggregate(proto: dict, runs: list, records: Records | None = None) -> dict:
                 e[k] = max((p[k] for p in last), default=None)
             e["wall"] = [r.get("wall_time_s") for r in ok]
             e["lr"] = ok[0]["training"]["lr"] if ok else None
+            # the rate the optimizer used, where the recipe scales it by the batch (HiDe-LoRA: lr · batch / 256)
+            e["effective_lr"] = ok[0]["training"].get("effective_lr", e["lr"]) if ok else None
             e["per_class_retention"] = [r.get("pretraining_retention_per_class", [None])[-1] for r in ok
                                         if r.get("pretraining_retention_per_class")]
             e["pretraining_per_class"] = [r.get("pretraining_accuracy_per_class") for r in ok
@@ -374,13 +376,23 @@ _COLUMNS = ("row", "method", "lr", "last acc %", "A_avg %", "forgetting %", "BWT
             "retention ÷ pretraining", "trainable", "stored", "inference", "wall s", "seeds")
 
 
+def _fmt_lr(e: dict) -> str:
+    """The chosen lr as the CLI takes it, and the rate the optimizer used when the recipe scales it."""
+    if e["lr"] is None:
+        return "–"
+    eff = e.get("effective_lr")
+    if eff is None or abs(eff - e["lr"]) <= 1e-12 * e["lr"]:
+        return f"{e['lr']:.3g}"
+    return f"{e['lr']:.3g} (used: {eff:.3g})"
+
+
 def _table_rows(proto: dict, rows: dict) -> list[list[str]]:
     out = []
     for name, e in rows.items():
         r = e["row"]
         seeds = f"{len(e['seeds'])}" + (f" ({e['diverged']} diverged)" if e["diverged"] else "")
         out.append([
-            r.get("label", name), r["method"], "–" if r["method"] == "ncm" or e["lr"] is None else f"{e['lr']:.3g}",
+            r.get("label", name), r["method"], _fmt_lr(e) if r["method"] != "ncm" else "–",
             _fmt_pct(e["A_last"]), _fmt_pct(e["A_avg"]) if r["method"] != "joint" else "–",
             _fmt_pct(e["forgetting"]) if r["method"] != "joint" else "–",
             _fmt_pct(e["bwt"]) if r["method"] != "joint" else "–",

@@ -304,3 +304,21 @@ def test_suite_records_let_a_fresh_clone_skip_finished_runs(tmp_path, monkeypatc
     # a run folder finished before records were kept gets its record when the suite passes over it
     record.unlink()
     assert suite.run_one(opts, run_dir, threads=1, records=rec)[1] == "done before" and record.is_file()
+
+
+def test_suite_table_gives_the_rate_the_optimizer_used_when_the_recipe_scales_it(tmp_path):
+    """HiDe-LoRA's recipe scales the lr by batch / 256: the table shows the chosen lr (as the CLI and the protocol's
+    selection take it) and the rate the optimizer used; a recipe without scaling shows one number."""
+    from experiments import suite
+
+    rec = suite.Records(tmp_path / "out", tmp_path / "published")
+    runs = []
+    for name, training in (("hide_lora", dict(lr=0.03, effective_lr=0.03 * 32 / 256)), ("naive", dict(lr=0.01))):
+        run_dir = tmp_path / "out" / "runs" / "task_il" / name / "seed0"
+        rec.save(run_dir, dict(config=dict(method=name, task_incremental=True), finished=True, A_last=0.5, A_avg=0.5,
+                               average_forgetting=0.0, bwt=0.0, accuracy_matrix=[[0.5]], average_accuracy=[0.5],
+                               parameters=[], training=training))
+        runs.append((dict(name=name, method=name), "task_il", 0, None, dict(method=name, scenario="task_il"), run_dir))
+    table = suite.aggregate({}, runs, rec)
+    cells = {r[1]: r[2] for r in suite._table_rows({}, table["task_il"])}
+    assert cells == {"hide_lora": "0.03 (used: 0.00375)", "naive": "0.01"}
