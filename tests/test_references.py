@@ -76,6 +76,7 @@ CONVS = {
     "grouped": lambda o: nn.Conv2d(6, o, 3, padding=1, groups=2),
     "depthwise": lambda o: nn.Conv2d(o, o, 3, padding=1, groups=o),
     "rect_kernel_stride": lambda o: nn.Conv2d(4, o, (3, 5), stride=(1, 2), padding=(1, 2)),
+    "same_padding": lambda o: nn.Conv2d(6, o, 3, padding="same", dilation=2),
 }
 
 
