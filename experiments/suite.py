@@ -1,6 +1,7 @@
 """The comparison suite: every method against the standard baselines, one command per protocol.
 
     python -m experiments.suite --protocol q1|q2 [--seeds 1234,0,1] [--quick] [--out DIR] [--threads N] [--records DIR]
+                                [--status | --report]
 
 A protocol is a YAML file in ``experiments/configs/suite/`` (``common`` run options, ``rows``, ``seeds``,
 ``scenarios``, the ``selection`` of each row's learning rate). The suite
@@ -503,27 +504,37 @@ def write_claims(proto: dict, rows: list[dict], out: Path) -> Path:
     return p
 
 
+BASELINES = ("naive", "ewc", "lwf", "replay", "ncm", "linear_probe", "joint")
+
+
 def write_figures(proto: dict, table: dict, out: Path) -> list[Path]:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     written = []
     for scenario, rows in table.items():
         main_rows = {n: e for n, e in rows.items() if e["curve"] and e["row"].get("group") != "rank_sweep"}
         if not main_rows:
             continue
-        fig, ax = plt.subplots(figsize=(7, 4.5))
-        for name, e in main_rows.items():
+        # one style per row (tab10 alone repeats after ten rows): the baselines dashed with squares, ours solid
+        colors = plt.get_cmap("tab20").colors
+        fig, ax = plt.subplots(figsize=(9, 4.8))
+        for k, (name, e) in enumerate(main_rows.items()):
             if e["row"]["method"] == "joint":
-                ax.axhline(100 * _mean(e["A_last"]), ls="--", color="k", label="joint (upper bound)")
+                ax.axhline(100 * _mean(e["A_last"]), ls=":", color="k", label="joint (upper bound)")
                 continue
             curve = 100 * np.mean(np.array(e["curve"], dtype=float), axis=0)
-            ax.plot(range(1, len(curve) + 1), curve, marker="o", ms=3, label=e["row"].get("label", name))
+            baseline = e["row"]["method"] in BASELINES
+            ax.plot(range(1, len(curve) + 1), curve, color=colors[(2 * k) % 20 + (k // 10) % 2],
+                    ls="--" if baseline else "-", marker="s" if baseline else "o", ms=4,
+                    label=e["row"].get("label", name))
         ax.set(xlabel="experiences learnt", ylabel="average accuracy on seen experiences (%)",
                title=f"{proto['protocol']} {scenario}: accuracy after each experience")
-        ax.legend(fontsize=7, ncol=2)
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+        ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
         fig.tight_layout()
         written.append(out / f"curves_{scenario}.png")
         fig.savefig(written[-1], dpi=110)
@@ -642,6 +653,8 @@ def main(argv=None) -> int:
     p.add_argument("--reselect", action="store_true", help="choose the learning rates again even if the protocol has "
                                                           "them")
     p.add_argument("--status", action="store_true", help="print how many runs are finished, run nothing")
+    p.add_argument("--report", action="store_true", help="rewrite the tables, claims and figures from the finished "
+                                                         "runs (folders and records), run nothing")
     p.add_argument("--records", help="folder of the published results: compact records of finished runs (skipped "
                                      "by a later command, even in a fresh clone), tables, claims, figures (default "
                                      "docs/results/<protocol>; none with --quick); 'none' for no records")
@@ -679,6 +692,16 @@ def main(argv=None) -> int:
         print(f"{proto['protocol']} in {out}: selection {done(selection)}/{len(selection)} grid runs finished "
               f"(+{len(extra)} extension runs), {len(proto['selected'])} rows chosen; main runs "
               f"{done(runs)}/{len(runs)} finished")
+        return 0
+    if a.report:
+        table = aggregate(proto, _apply_selection(proto, runs), records)
+        for d in published:
+            write_tables(proto, table, d)
+            write_claims(proto, claims(proto, table), d)
+            write_figures(proto, table, d)
+        done = sum(len(e["seeds"]) for rows in table.values() for e in rows.values())
+        print(f"tables, claims and figures over {done}/{len(runs)} finished main runs in "
+              f"{', '.join(map(str, published))}")
         return 0
     t0 = time.time()
     try:

@@ -322,3 +322,33 @@ def test_suite_table_gives_the_rate_the_optimizer_used_when_the_recipe_scales_it
     table = suite.aggregate({}, runs, rec)
     cells = {r[1]: r[2] for r in suite._table_rows({}, table["task_il"])}
     assert cells == {"hide_lora": "0.03 (used: 0.00375)", "naive": "0.01"}
+
+
+def test_suite_report_rebuilds_tables_from_records_without_running(tmp_path, monkeypatch):
+    """``--report`` writes the tables, claims and figures from the recorded runs and runs nothing."""
+    import csv
+
+    from experiments import suite
+
+    monkeypatch.setenv("LOWRANK_CL_DATA", str(tmp_path))
+    monkeypatch.setenv("LOWRANK_CL_WEIGHTS", str(tmp_path))
+    monkeypatch.setattr(suite, "_execute", lambda *a: (_ for _ in ()).throw(AssertionError("ran a run")))
+    proto = suite.load_protocol("q2")
+    out, published = tmp_path / "out", tmp_path / "published"
+    _, runs = suite.plan(proto, quick=False, seeds=[0], out=out)
+    rec = suite.Records(out, published)
+    for row, scenario, seed, _, opts, run_dir in suite._apply_selection(proto, runs):
+        if row["name"] not in ("naive", "joint"):
+            continue
+        cfg = {k: v for k, v in opts.items() if k != "scenario"}
+        cfg["task_incremental"] = scenario == "task_il"
+        acc = 0.9 if row["name"] == "joint" else 0.6
+        rec.save(run_dir, dict(config=cfg, finished=True, A_last=acc, A_avg=acc, average_forgetting=0.1, bwt=-0.1,
+                               accuracy_matrix=[[acc]], average_accuracy=[acc] * 5, parameters=[],
+                               training=dict(lr=opts.get("lr", 0.01))))
+    assert suite.main(["--protocol", "q2", "--seeds", "0", "--out", str(out), "--records", str(published),
+                       "--report"]) == 0
+    with open(published / "table_task_il.csv") as f:
+        table = {r["method"]: r for r in csv.DictReader(f) if r["seeds"] == "1"}
+    assert set(table) == {"naive", "joint"} and table["naive"]["last ÷ joint"] == "0.67"
+    assert (published / "claims.md").is_file() and (published / "curves_task_il.png").stat().st_size > 10_000
