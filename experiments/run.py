@@ -402,8 +402,9 @@ def build_strategy(cfg: dict, model, common: dict):
     if kwargs.get("target_modules") is not None:
         target = _target(kwargs["target_modules"])
         kwargs["target_modules"] = target  # "auto" is resolved on the model (models.auto_targets)
-    if kwargs.get("exclude_modules") is not None:
-        kwargs["exclude_modules"] = _target(kwargs["exclude_modules"])
+    for key in ("exclude_modules", "grow_modules"):
+        if kwargs.get(key) is not None:
+            kwargs[key] = _target(kwargs[key])
     opt = build_optimizer(recipe, model.parameters(), common["train_mb_size"])
     plugins = list(common.get("plugins") or [])
     if recipe.schedule_plugin() is not None:
@@ -625,6 +626,7 @@ def run(cfg: dict) -> dict:
     if hasattr(plugin, "prepare"):  # the LoRA methods (the baselines' plugins are Avalanche's own)
         # inject now (the plugin would do it when training starts) so that bad targets fail before any work
         plugin.prepare(model)
+    if lora_layers(model):
         layer = lora_layers(model)[0][1]
         lora_info = dict(r=layer.r, alpha=layer.alpha, scaling=layer.scaling, rslora=layer.rslora,
                          dropout=getattr(layer.lora_dropout, "p", 0.0), conv_mode=getattr(layer, "conv_mode", None),
@@ -656,7 +658,8 @@ def run(cfg: dict) -> dict:
                 normalization=[list(bm.normalization[0]), list(bm.normalization[1])],
             ),
             model=dict(backbone=cfg["backbone"], weights=cfg["backbone_weights"], bn=bn, device=str(device),
-                       parameters_before_training=count_parameters(model), lora=lora_info),
+                       parameters_before_training=count_parameters(model), lora=lora_info,
+                       **({"grown_modules": plugin.grown_modules} if hasattr(plugin, "grown_modules") else {})),
             method=cfg["method"],
             method_options={k: v for k, v in method_kwargs.items()
                             if isinstance(v, (bool, int, float, str, type(None)))},

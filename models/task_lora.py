@@ -15,8 +15,8 @@ from torch import Tensor, nn
 
 from .lora import LoRAConv2d, LoRALinear
 
-__all__ = ["TaskLoRAMixin", "TaskLoRALinear", "TaskLoRAConv2d", "TaskBatchNorm", "set_task_routing", "task_layers",
-           "BASE_ROUTE"]
+__all__ = ["TaskLoRAMixin", "TaskLoRALinear", "TaskLoRAConv2d", "TaskCopy", "TaskBatchNorm", "set_task_routing",
+           "task_layers", "BASE_ROUTE"]
 
 
 BASE_ROUTE = -1  # route to the bare backbone: no adapter, the pretrained BatchNorm
@@ -121,18 +121,25 @@ class TaskLoRAConv2d(TaskLoRAMixin, LoRAConv2d):
         self._init_tasks()
 
 
-class TaskBatchNorm(nn.Module):
-    """Per-task copies of a BatchNorm layer (the effects-of-LoRA study keeps them): the wrapped ``bn`` evolves while
-    tasks train, a frozen snapshot is stored per task, and samples are routed to their task's snapshot."""
+class TaskCopy(nn.Module):
+    """Per-task copies of a whole module, routed per sample by task label (the growing-network baseline's stage,
+    and :class:`TaskBatchNorm`). The wrapped module (``self.module``) is the copy that trains; :meth:`store` freezes
+    a snapshot of it as a task's; :meth:`reset` brings it back to the weights it had when wrapped (kept frozen in
+    ``pretrained``, which serves route :data:`BASE_ROUTE`, the pretraining task)."""
 
-    def __init__(self, bn: nn.modules.batchnorm._BatchNorm):
+    _live = "module"  # the attribute holding the trained copy (state-dict names: ``module.*``)
+
+    def __init__(self, module: nn.Module):
         super().__init__()
-        self.bn = bn
-        # the BatchNorm as it was before any task, frozen: what the pretraining task (route BASE_ROUTE) uses
-        self.pretrained = copy.deepcopy(bn).eval().requires_grad_(False)
+        setattr(self, self._live, module)
+        self.pretrained = copy.deepcopy(module).eval().requires_grad_(False)
         self.bank = nn.ModuleDict()
         self.current_task: int | None = None
         self.task_labels = None
+
+    @property
+    def live(self) -> nn.Module:
+        return getattr(self, self._live)
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -140,11 +147,19 @@ class TaskBatchNorm(nn.Module):
         self.bank.eval()  # sample of an earlier task routed to its copy while the current one trains)
         return self
 
+    def trained_tasks(self) -> list[int]:
+        return sorted(int(k) for k in self.bank)
+
     def store(self, task: int) -> None:
-        snap = copy.deepcopy(self.bn).eval()
-        for p in snap.parameters():
-            p.requires_grad_(False)
-        self.bank[str(task)] = snap
+        """Freeze a snapshot of the trained copy as task ``task``'s."""
+        self.bank[str(task)] = copy.deepcopy(self.live).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def reset(self) -> None:
+        """The trained copy back to the pretrained weights and buffers (its parameters stay the same tensors, so an
+        optimizer keeps them)."""
+        for mine, theirs in zip(self.live.state_dict().values(), self.pretrained.state_dict().values()):
+            mine.copy_(theirs)
 
     def _layer(self, task: int) -> nn.Module:
         if task == BASE_ROUTE:
@@ -152,22 +167,26 @@ class TaskBatchNorm(nn.Module):
         if str(task) in self.bank:
             return self.bank[str(task)]
         if task == self.current_task:
-            return self.bn
-        raise ValueError(f"Task label {task} was never trained; no BatchNorm copy for it "
-                         f"(trained: {sorted(int(k) for k in self.bank)}).")
+            return self.live
+        raise ValueError(f"Task label {task} was never trained; no copy of {type(self.live).__name__} for it "
+                         f"(trained: {self.trained_tasks()}).")
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.current_task is None and not len(self.bank):  # before any task: the shared BatchNorm
-            return self.bn(x)
+        if self.current_task is None and not len(self.bank):  # before any task: the shared module
+            return self.live(x)
         groups = _routing_groups(self.task_labels, x.shape[0])
         if len(groups) == 1:
             return self._layer(groups[0][0])(x)
-        out = torch.empty_like(x)
+        out = None
         for task, mask in groups:
-            out[mask] = self._layer(task)(x[mask])
+            y = self._layer(task)(x[mask])
+            if out is None:  # the module may change the shape (a strided block)
+                out = y.new_empty((x.shape[0], *y.shape[1:]))
+            out[mask] = y
         return out
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # a saved model may hold more tasks than this fresh one: create their bank entries first
         for key in state_dict:
             if key.startswith(f"{prefix}bank."):
                 task = key[len(f"{prefix}bank."):].split(".")[0]
@@ -176,8 +195,19 @@ class TaskBatchNorm(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
+class TaskBatchNorm(TaskCopy):
+    """Per-task copies of a BatchNorm layer (the effects-of-LoRA study keeps them): the wrapped ``bn`` evolves while
+    tasks train (it is not reset between tasks), a frozen snapshot is stored per task, and samples are routed to
+    their task's snapshot."""
+
+    _live = "bn"
+
+    def __init__(self, bn: nn.modules.batchnorm._BatchNorm):
+        super().__init__(bn)
+
+
 def task_layers(model: nn.Module) -> list[nn.Module]:
-    return [m for m in model.modules() if isinstance(m, (TaskLoRAMixin, TaskBatchNorm))]
+    return [m for m in model.modules() if isinstance(m, (TaskLoRAMixin, TaskCopy))]
 
 
 def set_task_routing(model: nn.Module, labels: int | Tensor | None) -> None:

@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader
 from models.gate_lora import GateLoRAMixin
 from models.heads import TaskIncrementalClassifier
 from models.inject import count_parameters, find_head, lora_layers
-from models.task_lora import BASE_ROUTE, set_task_routing
+from models.task_lora import BASE_ROUTE, TaskCopy, set_task_routing
 
 from .base import find_method_plugin, unwrap
 
@@ -76,9 +76,12 @@ class ParameterGrowthPluginMetric(PluginMetric[dict]):
         """The history spans the whole run: nothing to reset."""
 
     def before_training(self, strategy):
-        if self.backbone is None:  # adapters may already be injected: they are not the backbone
-            c = count_parameters(unwrap(strategy.model))
-            self.backbone = c["total"] - c["adapter"]
+        if self.backbone is None:  # adapters or per-task copies may already be there: they are not the backbone
+            model = unwrap(strategy.model)
+            c = count_parameters(model)
+            copies = sum(p.numel() for m in model.modules() if isinstance(m, TaskCopy)
+                         for p in [*m.pretrained.parameters(), *m.bank.parameters()])
+            self.backbone = c["total"] - c["adapter"] - copies
 
     def after_training_exp(self, strategy):
         rep = parameter_report(strategy)

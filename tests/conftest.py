@@ -181,7 +181,10 @@ def backbone_shapes(backbone: str, r: int) -> dict:
             layers[name] = (fan_in, r * fan_in + w.shape[0] * r)
     body = sum(p.numel() for n, p in model.named_parameters() if not n.startswith(head + "."))
     bn = sum(p.numel() for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d) for p in m.parameters())
-    return dict(body=body, features=getattr(model, head).in_features, layers=layers, bn=bn)
+    # the last stage (from the last downsampling block on): a CIFAR ResNet's layer3, a ViT has none
+    last = sum(p.numel() for n, p in model.named_parameters() if n.startswith("layer3.")) \
+        if backbone.startswith("cifar_resnet") else None
+    return dict(body=body, features=getattr(model, head).in_features, layers=layers, bn=bn, last_stage=last)
 
 
 def expected_parameters(results: dict, backbone: str, r: int | None = None, *, per_task_bn: bool = False,
@@ -204,7 +207,9 @@ def expected_parameters(results: dict, backbone: str, r: int | None = None, *, p
       and the class statistics of both models (means and variances, ``n_centroids`` clusters per class, for
       classifier alignment; not used at inference);
     * ewc: the parameters and their importances (Fisher) saved after every experience (``separate`` mode);
-    * lwf: a frozen copy of the model after the last experience (the distillation teacher).
+    * lwf: a frozen copy of the model after the last experience (the distillation teacher);
+    * growing: one copy of the last stage per task besides the pretrained one (which starts every task's copy and
+      serves the pretraining task), one of them per forward pass.
     """
     method = results["method"]
     bench = results["benchmark"]
@@ -256,6 +261,8 @@ def expected_parameters(results: dict, backbone: str, r: int | None = None, *, p
             stored, inference = model + saved, serve
         elif method == "lwf":
             stored, inference = model + model, serve
+        elif method == "growing":
+            stored, inference = model + t * a["last_stage"], serve
         else:
             raise AssertionError(f"no hand count for method {method!r}: add it to expected_parameters")
         out.append((stored, inference))
@@ -264,7 +271,7 @@ def expected_parameters(results: dict, backbone: str, r: int | None = None, *, p
 
 # the methods expected_parameters counts by hand (a test checks that it covers the registry)
 HAND_COUNTED_METHODS = ("naive", "replay", "ncm", "linear_probe", "joint", "merge_lora", "codyra", "eblora",
-                        "per_task_lora", "o_lora", "sd_lora", "inflora", "hide_lora", "ewc", "lwf")
+                        "per_task_lora", "o_lora", "sd_lora", "inflora", "hide_lora", "ewc", "lwf", "growing")
 
 
 def made_data(path, n_classes: int, per_class: int, test_step: int = 1):

@@ -134,6 +134,7 @@ def test_hand_counts_of_the_backbones():
 
     r20 = backbone_shapes("cifar_resnet20", 2)
     assert r20["body"] == conv(3, 16) + 2 * 16 + stage(16, 16) + stage(16, 32) + stage(32, 64) == 269072
+    assert r20["last_stage"] == stage(32, 64)
     assert r20["features"] == 64 and len(r20["layers"]) == 18 and r20["bn"] == 2 * (16 + 6 * 16 + 6 * 32 + 6 * 64)
     assert sum(n for _, n in r20["layers"].values()) == \
         6 * lora(16, 16) + lora(16, 32) + 5 * lora(32, 32) + lora(32, 64) + 5 * lora(64, 64) == 12576
@@ -264,8 +265,8 @@ def test_per_task_class_il_with_eval_on_all_measures_before_training(tmp_path, c
     assert _counts(res) == expected_parameters(res, "cifar_resnet20", 2)
 
 
-@pytest.mark.parametrize("name", ["default", "merge_lora", "naive", "per_task_lora", "codyra", "eblora", "inflora",
-                                  "sd_lora", "o_lora", "hide_lora"])
+@pytest.mark.parametrize("name", ["default", "merge_lora", "naive", "per_task_lora", "growing", "codyra", "eblora",
+                                  "inflora", "sd_lora", "o_lora", "hide_lora"])
 def test_shipped_configs_parse(name):
     from pathlib import Path
 
@@ -359,6 +360,23 @@ def test_baselines_learn_and_store_what_their_definition_says(tmp_path, capsys, 
     assert len(res["accuracy_matrix"]) == (1 if method == "joint" else 2)  # joint: one step on every experience
     assert_learned(res, _TIL if task_il else _CIL)
     assert _counts(res) == expected_parameters(res, "cifar_resnet20")
+
+
+def test_growing_network_learns_without_forgetting_and_grows_one_stage_per_task(tmp_path, capsys):
+    res, _, _ = _run(tmp_path, capsys, *_resnet_args(tmp_path, "growing", *_FULL, task_il=True))
+    assert res["finished"] and res["model"]["grown_modules"] == [f"backbone.layer3.{i}" for i in range(3)]
+    assert_learned(res, _TIL)
+    m = res["accuracy_matrix"]
+    assert m[1][0] == m[0][0] and res["average_forgetting"] == 0  # task 0's copy and head are frozen
+    assert _counts(res) == expected_parameters(res, "cifar_resnet20")
+    stage = backbone_shapes("cifar_resnet20", 1)["last_stage"]
+    assert res["parameters"][-1]["growth_pct"] == pytest.approx(100 * 2 * stage / 269072, abs=0.2)  # + 2 heads
+
+
+def test_growing_network_refuses_class_incremental(tmp_path, capsys):
+    code = main(["--benchmark", "arrays", "--data", str(_made_data(tmp_path)), "--n-experiences", "2", "--method",
+                 "growing", "--backbone", "cifar_resnet20", "--out", str(tmp_path / "o")])
+    assert code == 2 and "use --task-incremental" in capsys.readouterr().err
 
 
 def test_hide_lora_refuses_task_incremental(tmp_path, capsys):
