@@ -1,7 +1,7 @@
 """The comparison suite: every method against the standard baselines, one command per protocol.
 
     python -m experiments.suite --protocol q1|q2 [--seeds 1234,0,1] [--quick] [--out DIR] [--threads N] [--records DIR]
-                                [--status | --report]
+                                [--status | --report [--readme README.md]]
 
 A protocol is a YAML file in ``experiments/configs/suite/`` (``common`` run options, ``rows``, ``seeds``,
 ``scenarios``, the ``selection`` of each row's learning rate). The suite
@@ -38,7 +38,8 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["load_protocol", "plan", "aggregate", "claims", "main", "PROTOCOL_DIR", "MARKER"]
+__all__ = ["load_protocol", "plan", "aggregate", "claims", "readme_section", "write_readme", "main", "PROTOCOL_DIR",
+           "MARKER"]
 
 PROTOCOL_DIR = Path(__file__).parent / "configs" / "suite"
 MARKER = "# --- chosen on the validation split by python -m experiments.suite (rewritten by it; do not edit below) ---"
@@ -576,7 +577,7 @@ def write_figures(proto: dict, table: dict, out: Path) -> list[Path]:
             plt.close(fig)
 
         sweep = [e for e in rows.values() if e["row"].get("sweep") and e["A_last"]]
-        if sweep:
+        if len(sweep) > 1:  # (the sweep's rows are task-IL only; merged LoRA alone is no sweep)
             fig, axes = plt.subplots(1, 2, figsize=(9, 4))
             for conv in sorted({e["row"]["sweep"] for e in sweep}):
                 pts = sorted(((e["results"][0]["config"]["r"], e) for e in sweep if e["row"]["sweep"] == conv),
@@ -598,17 +599,29 @@ def write_figures(proto: dict, table: dict, out: Path) -> list[Path]:
 
 def _write_selection(proto: dict, results: dict, outs: list[Path], *, write_back: bool) -> None:
     """``selection.md`` in each of ``outs`` (every grid point's validation accuracy) and, unless quick, the chosen
-    values at the end of the protocol's YAML."""
-    lines = ["| row | grid point | validation last acc % |", "|---|---|---|"]
-    chosen = {}
+    values at the end of the protocol's YAML. Rows chosen before (not in ``results``) keep their choice and their
+    lines."""
+    order = {r["name"]: i for i, r in enumerate(proto["rows"])}
+    new_lines: dict = {}
+    chosen = {n: v for n, v in proto["selected"].items() if n not in results}
     for name, points in results.items():
         best = max(points, key=lambda p: -1 if p[1] is None else p[1])
         chosen[name] = dict(best[0], validation_accuracy=None if best[1] is None else round(best[1], 4))
         for point, acc in points:
             mark = " **chosen**" if point is best[0] else ""
-            lines.append(f"| {name} | {_tag(point)}{mark} | {'diverged' if acc is None else f'{100 * acc:.1f}'} |")
+            new_lines.setdefault(name, []).append(
+                f"| {name} | {_tag(point)}{mark} | {'diverged' if acc is None else f'{100 * acc:.1f}'} |")
+    chosen = dict(sorted(chosen.items(), key=lambda kv: order.get(kv[0], len(order))))
     for out in outs:
-        (out / "selection.md").write_text("\n".join(lines) + "\n")
+        lines = dict(new_lines)
+        old = out / "selection.md"
+        for line in (old.read_text().splitlines()[2:] if old.exists() else []):
+            name = line.split("|")[1].strip()
+            if name not in results:
+                lines.setdefault(name, []).append(line)
+        head = ["| row | grid point | validation last acc % |", "|---|---|---|"]
+        body = [ln for n in sorted(lines, key=lambda n: order.get(n, len(order))) for ln in lines[n]]
+        old.write_text("\n".join(head + body) + "\n")
     if write_back:
         import yaml
 
@@ -630,6 +643,69 @@ def _apply_selection(proto: dict, runs: list) -> list:
             chosen = {"lr": chosen["lr"]} if "lr" in chosen else {}
         out.append((row, scenario, seed, point, dict(opts, **chosen), run_dir))
     return out
+
+
+def _extension_dirs(out: Path, records: Records, selection: list) -> list[Path]:
+    """The finished selection runs outside the planned grid (its extensions), from the run folders and records."""
+    planned = {d for *_, d in selection}
+    found = {d for d in out.glob("select/*/*") if d.is_dir()}
+    if records.dir:
+        found |= {out / p.relative_to(records.dir / "records").with_suffix("")
+                  for p in (records.dir / "records").glob("select/*/*.json")}
+    return sorted(d for d in found if d not in planned and _done(records.load(d)))
+
+
+def _wall_time(out: Path, records: Records, selection: list, runs: list) -> float:
+    """Compute of the whole protocol: every finished run's own wall time (selection and its extensions included),
+    across sessions."""
+    dirs = [d for *_, d in selection + runs] + _extension_dirs(out, records, selection)
+    return sum((records.load(d) or {}).get("wall_time_s") or 0.0 for d in dirs)
+
+
+def readme_section(proto: dict, table: dict, claim_rows: list[dict], *, wall_s: float, threads: int,
+                   figures: list[Path], figures_link: str) -> str:
+    """The protocol's results as Markdown for the README: the command, budget, machine and wall time, a table per
+    scenario, the claims table and the ``figures`` (linked as ``figures_link/<name>``)."""
+    c = proto["common"]
+    finished = sum(len(e["seeds"]) for rows in table.values() for e in rows.values())
+    planned = sum(len(e["row"].get("seeds", proto["seeds"])) for rows in table.values() for e in rows.values())
+    lines = [
+        f"#### {proto['title']}",
+        "",
+        f"`python -m experiments.suite --protocol {proto['protocol']}` (then `--report --readme README.md` rewrites "
+        f"this block). Budget per experience: {c.get('subset')} training images, {c.get('epochs')} epochs, batch "
+        f"{c.get('batch_size')}, {c.get('eval_subset')} test images; seeds {', '.join(map(str, proto['seeds']))}. "
+        f"Machine: {os.cpu_count()} CPU cores, {threads} torch thread(s) per run, two protocols running side by side. "
+        f"Wall time of all its runs (learning-rate selection included): {wall_s / 3600:.1f} h"
+        + ("." if finished == planned else f"; {finished} of {planned} main runs finished so far."),
+        "",
+    ]
+    names = {"class_il": "class-incremental (no task label at test time)",
+             "task_il": "task-incremental (task label given, one head per task)"}
+    for scenario in (s for s in proto["scenarios"] if s in table):
+        lines += [f"**{proto['protocol'].upper()}, {names[scenario]}**", ""]
+        md = ["| " + " | ".join(_COLUMNS) + " |", "|" + "---|" * len(_COLUMNS)]
+        md += ["| " + " | ".join(r) + " |" for r in _table_rows(proto, table[scenario])]
+        lines += md + [""]
+    lines += [f"**{proto['protocol'].upper()}, the papers' claims**", "",
+              "| claim (source) | test here | verdict | measured | what differs from the paper |",
+              "|---|---|---|---|---|"]
+    lines += [f"| {r['claim']} ({r['source']}) | {r['test']} ({r['scenario']}) | **{r['verdict']}** | "
+              f"{r['figures'] or '–'} | {r['differs']} |" for r in claim_rows]
+    lines.append("")
+    for png in figures:
+        lines.append(f"![{png.stem}]({figures_link}/{png.name})")
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def write_readme(path: Path, protocol: str, section: str) -> None:
+    """Replace the README block between ``<!-- suite:<protocol> -->`` and ``<!-- /suite:<protocol> -->``."""
+    text = path.read_text()
+    begin, end = f"<!-- suite:{protocol} -->", f"<!-- /suite:{protocol} -->"
+    if begin not in text or end not in text:
+        raise ValueError(f"--readme: {path} has no {begin} ... {end} block; add the two lines where the results go.")
+    head, rest = text.split(begin, 1)
+    path.write_text(head + begin + "\n" + section + end + rest.split(end, 1)[1])
 
 
 def _describe(res: dict | None) -> str:
@@ -659,6 +735,9 @@ def main(argv=None) -> int:
     p.add_argument("--status", action="store_true", help="print how many runs are finished, run nothing")
     p.add_argument("--report", action="store_true", help="rewrite the tables, claims and figures from the finished "
                                                          "runs (folders and records), run nothing")
+    p.add_argument("--readme", help="with --report: also rewrite this README's block between <!-- suite:<protocol> "
+                                    "--> and <!-- /suite:<protocol> --> (command, budget, machine, wall time, "
+                                    "tables, claims, figures)")
     p.add_argument("--records", help="folder of the published results: compact records of finished runs (skipped "
                                      "by a later command, even in a fresh clone), tables, claims, figures (default "
                                      "docs/results/<protocol>; none with --quick); 'none' for no records")
@@ -674,6 +753,13 @@ def main(argv=None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if a.readme:  # checked before anything runs
+        text = Path(a.readme).read_text() if Path(a.readme).is_file() else None
+        block = f"<!-- suite:{proto['protocol']} -->"
+        if not a.report or text is None or block not in text or f"<!-- /{block[5:]}" not in text:
+            print(f"error: --readme needs --report and an existing file with the lines {block} and "
+                  f"<!-- /{block[5:]} where the results go.", file=sys.stderr)
+            return 2
     seeds = a.seeds or (proto["seeds"][:1] if a.quick else proto["seeds"])
     out = Path(a.out or f"runs/suite-{proto['protocol']}{'-quick' if a.quick else ''}")
     out.mkdir(parents=True, exist_ok=True)
@@ -687,12 +773,7 @@ def main(argv=None) -> int:
     selection, runs = plan(proto, quick=a.quick, seeds=seeds, out=out)
     if a.status:
         done = lambda items: sum(_done(records.load(d)) for *_, d in items)  # noqa: E731
-        planned = {d for *_, d in selection}
-        found = {d for d in out.glob("select/*/*") if d.is_dir()}
-        if records.dir:
-            found |= {out / p.relative_to(records.dir / "records").with_suffix("")
-                      for p in (records.dir / "records").glob("select/*/*.json")}
-        extra = [d for d in found if d not in planned and _done(records.load(d))]
+        extra = _extension_dirs(out, records, selection)
         print(f"{proto['protocol']} in {out}: selection {done(selection)}/{len(selection)} grid runs finished "
               f"(+{len(extra)} extension runs), {len(proto['selected'])} rows chosen; main runs "
               f"{done(runs)}/{len(runs)} finished")
@@ -702,7 +783,14 @@ def main(argv=None) -> int:
         for d in published:
             write_tables(proto, table, d)
             write_claims(proto, claims(proto, table), d)
-            write_figures(proto, table, d)
+            figures = write_figures(proto, table, d)
+        if a.readme:
+            readme = Path(a.readme)
+            link = Path(os.path.relpath(published[-1].resolve(), readme.resolve().parent)).as_posix()
+            write_readme(readme, proto["protocol"], readme_section(
+                proto, table, claims(proto, table), wall_s=_wall_time(out, records, selection, runs),
+                threads=a.threads, figures=figures, figures_link=link))
+            print(f"results of {proto['protocol']} written into {readme}")
         done = sum(len(e["seeds"]) for rows in table.values() for e in rows.values())
         print(f"tables, claims and figures over {done}/{len(runs)} finished main runs in "
               f"{', '.join(map(str, published))}")
@@ -735,9 +823,7 @@ def main(argv=None) -> int:
                     opts = dict(opts0, **point)
                     entries = [(row, scenario, seed, point, opts, run_dir.parent / _tag(point))]
         if by_row:
-            kept = {n: v for n, v in proto["selected"].items() if n not in by_row}
             _write_selection(proto, by_row, published, write_back=not a.quick)
-            proto["selected"].update(kept)
         runs = _apply_selection(proto, runs)
         # 2. every row, seed and scenario; tables, claims and figures rewritten after each run
         for k, (row, scenario, seed, _, opts, run_dir) in enumerate(runs, 1):
@@ -756,12 +842,11 @@ def main(argv=None) -> int:
     except (RuntimeError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    # compute of the whole protocol: every run's own wall time (selection included), across sessions
-    walls = [(records.load(d) or {}).get("wall_time_s") or 0.0 for *_, d in selection + runs]
     for d in published:
         (d / "summary.json").write_text(json.dumps(dict(
             protocol=proto["protocol"], seeds=seeds, quick=a.quick, runs=len(selection) + len(runs),
-            runs_wall_time_s=round(sum(walls), 1), this_command_s=round(time.time() - t0, 1),
+            runs_wall_time_s=round(_wall_time(out, records, selection, runs), 1),
+            this_command_s=round(time.time() - t0, 1),
             selected=proto["selected"], machine=dict(cpu_count=os.cpu_count(), threads=a.threads)), indent=2))
     print(f"tables, claims and figures in {', '.join(map(str, published))} ({time.time() - t0:.0f} s)")
     return 0

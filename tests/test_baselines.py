@@ -345,10 +345,38 @@ def test_suite_report_rebuilds_tables_from_records_without_running(tmp_path, mon
         acc = 0.9 if row["name"] == "joint" else 0.6
         rec.save(run_dir, dict(config=cfg, finished=True, A_last=acc, A_avg=acc, average_forgetting=0.1, bwt=-0.1,
                                accuracy_matrix=[[acc]], average_accuracy=[acc] * 5, parameters=[],
-                               training=dict(lr=opts.get("lr", 0.01))))
-    assert suite.main(["--protocol", "q2", "--seeds", "0", "--out", str(out), "--records", str(published),
-                       "--report"]) == 0
+                               training=dict(lr=opts.get("lr", 0.01)), wall_time_s=1800.0))
+    readme = tmp_path / "README.md"
+    readme.write_text("# x\n<!-- suite:q2 -->\nold\n<!-- /suite:q2 -->\nafter\n")
+    args = ["--protocol", "q2", "--seeds", "0", "--out", str(out), "--records", str(published), "--report"]
+    assert suite.main(args + ["--readme", str(readme)]) == 0
     with open(published / "table_task_il.csv") as f:
         table = {r["method"]: r for r in csv.DictReader(f) if r["seeds"] == "1"}
     assert set(table) == {"naive", "joint"} and table["naive"]["last ÷ joint"] == "0.67"
     assert (published / "claims.md").is_file() and (published / "curves_task_il.png").stat().st_size > 10_000
+    # the README block: replaced, with both tables, the claims, the figures and the wall time of the 4 runs (2 h)
+    text = readme.read_text()
+    assert text.startswith("# x\n<!-- suite:q2 -->\n####") and text.endswith("<!-- /suite:q2 -->\nafter\n")
+    assert "old" not in text and "Wall time of all its runs (learning-rate selection included): 2.0 h" in text
+    assert text.count("| fine-tuning (naive) | naive |") == 2 and "| claim (source) |" in text
+    assert "](published/curves_task_il.png)" in text and "4 of " in text
+    readme.write_text("# no block\n")
+    assert suite.main(args + ["--readme", str(readme)]) == 2  # refused before anything is written
+
+
+def test_suite_selection_of_a_new_row_keeps_the_rows_chosen_before(tmp_path):
+    import yaml
+
+    from experiments.suite import MARKER, _write_selection
+
+    path = tmp_path / "p.yaml"
+    path.write_text("protocol: p\n\n" + MARKER + "\nselected:\n  a: {lr: 0.1, validation_accuracy: 0.5}\n")
+    (tmp_path / "selection.md").write_text("| row | grid point | validation last acc % |\n|---|---|---|\n"
+                                           "| a | lr0.1 **chosen** | 50.0 |\n")
+    proto = dict(path=str(path), rows=[{"name": "a"}, {"name": "b"}],
+                 selected={"a": {"lr": 0.1, "validation_accuracy": 0.5}})
+    _write_selection(proto, {"b": [({"lr": 0.01}, 0.7), ({"lr": 0.03}, None)]}, [tmp_path], write_back=True)
+    assert yaml.safe_load(path.read_text())["selected"] == {"a": {"lr": 0.1, "validation_accuracy": 0.5},
+                                                            "b": {"lr": 0.01, "validation_accuracy": 0.7}}
+    assert (tmp_path / "selection.md").read_text().splitlines()[2:] == [
+        "| a | lr0.1 **chosen** | 50.0 |", "| b | lr0.01 **chosen** | 70.0 |", "| b | lr0.03 | diverged |"]
