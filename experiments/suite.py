@@ -466,6 +466,16 @@ def claims(proto: dict, table: dict) -> list[dict]:
                 figures = (f"{claim['row']}: retention {100 * ra:.1f} %, new tasks {100 * aa:.1f} %; "
                            f"{claim['baseline']}: {100 * rb:.1f} %, {100 * ab:.1f} %")
                 verdict = "holds" if ra > rb and aa >= ab - claim.get("tolerance", 0.01) else "does not hold"
+        elif kind == "fewer_ranks":  # a rank-pruning method keeps fewer ranks than the baseline's fixed r
+            a, b = _get(table, sc, claim["row"]), _get(table, sc, claim["baseline"])
+            if a and b:
+                kept = [v for r in a["results"] for h in r.get("rank_history") or [] for v in h.values()]
+                r_a = a["results"][0]["model"]["lora"]["r"]
+                r_b = b["results"][0]["model"]["lora"]["r"]
+                if kept:
+                    figures = (f"{claim['row']}: {np.mean(kept):.1f} ranks kept per layer and task on average "
+                               f"(min {min(kept)}, of r = {r_a}); {claim['baseline']}: r = {r_b}")
+                    verdict = "holds" if np.mean(kept) < r_b else "does not hold"
         elif kind == "less_forgetting":  # a method forgets less than another at the same rank
             a, b = _get(table, sc, claim["row"]), _get(table, sc, claim["baseline"])
             if a and b:

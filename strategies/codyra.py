@@ -7,6 +7,7 @@ Dynamic Rank-Selective LoRA", arXiv:2412.01004; official code Artificer-AI-Lab/C
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Literal, Optional
 
 import torch
@@ -137,6 +138,11 @@ class CoDyRAPlugin(ClassMaskMixin, AdapterPluginMixin, SupervisedPlugin, support
         """Set the threshold schedule for an experience of ``total`` iterations."""
         self._dense = self.dense_fraction * total
         self._tau_every = int((total - self._dense) // self.lambda_num)
+        if self._tau_every <= 0 and not getattr(self, "_warned_short", False):
+            self._warned_short = True
+            warnings.warn(f"CoDyRA: an experience of {total} iterations leaves {total - self._dense:.0f} after the dense "
+                          f"phase, fewer than lambda_num={self.lambda_num}: the threshold never rises (as in the "
+                          "official code) and no rank is pruned; train longer or lower lambda_num.", stacklevel=2)
 
     def current_tau(self, iteration: int) -> float:
         """The threshold applied after update number ``iteration`` (0-based) of the experience: 0 up to

@@ -80,6 +80,17 @@ def test_codyra_threshold_schedule_is_the_codes(T, dense, num, kappa):
         assert ours[251] == pytest.approx(kappa / 49) and ours[250] == 0 and ours[490] == pytest.approx(kappa)
 
 
+def test_codyra_says_when_an_experience_is_too_short_to_prune():
+    plugin = CoDyRAPlugin(r=2)  # lambda_num 50: the second half of 99 iterations is too short, of 100 not
+    with pytest.warns(UserWarning, match="no rank is pruned"):
+        plugin.start_schedule(99)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        CoDyRAPlugin(r=2).start_schedule(100)
+
+
 def test_codyra_threshold_operators():
     w = torch.tensor([0.5, -0.5, 0.015, -0.015, 0.005, -0.009, 0.025, 0.0])
     tau = 0.01
