@@ -640,6 +640,8 @@ def run(cfg: dict) -> dict:
         ours["ranks"].history = list(results.get("rank_usage") or [])
         ours["spectra"].history = list(results.get("spectra") or [])
         ours["curve"].last = list(results.get("average_accuracy") or [])
+        # growth is relative to the backbone as it was before the first experience, not as restored
+        ours["growth"].backbone = results.get("parameters_backbone")
         if "retention" in ours:
             ours["retention"].history = list(results.get("pretraining_retention") or [])
             ours["retention"].per_class_history = list(results.get("pretraining_retention_per_class") or [])
@@ -719,6 +721,7 @@ def run(cfg: dict) -> dict:
             if any(v is not None for v in tii):  # methods that infer the task (hide_lora)
                 results.setdefault("tii_accuracy", []).append(tii)
             results["parameters"].append(ours["growth"].result())
+            results["parameters_backbone"] = ours["growth"].backbone
             results["train_time_s"].append(t1 - t0)
             results["train_iterations"].append(strategy.clock.train_exp_iterations)
             results["eval_time_s"].append(t2 - t1)

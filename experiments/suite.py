@@ -470,12 +470,15 @@ def claims(proto: dict, table: dict) -> list[dict]:
             a, b = _get(table, sc, claim["row"]), _get(table, sc, claim["baseline"])
             if a and b:
                 kept = [v for r in a["results"] for h in r.get("rank_history") or [] for v in h.values()]
-                r_a = a["results"][0]["model"]["lora"]["r"]
-                r_b = b["results"][0]["model"]["lora"]["r"]
-                if kept:
-                    figures = (f"{claim['row']}: {np.mean(kept):.1f} ranks kept per layer and task on average "
-                               f"(min {min(kept)}, of r = {r_a}); {claim['baseline']}: r = {r_b}")
-                    verdict = "holds" if np.mean(kept) < r_b else "does not hold"
+                r_a, r_b = ((e["results"][0].get("model") or {}).get("lora") or {} for e in (a, b))
+                if not kept or "r" not in r_a or "r" not in r_b:
+                    raise ValueError(f"{proto['path']}: claim {claim['text']!r} needs a rank history in "
+                                     f"{claim['row']} and a LoRA rank in both rows.")
+                r_a, r_b = r_a["r"], r_b["r"]
+                figures = (f"{claim['row']}: {np.mean(kept):.1f} ranks kept per layer and task on average "
+                           f"(min {min(kept)}, of r = {r_a}); {claim['baseline']}: r = {r_b}")
+                # pruned at all, and below the baseline's fixed rank
+                verdict = "holds" if np.mean(kept) < min(r_a, r_b) else "does not hold"
         elif kind == "less_forgetting":  # a method forgets less than another at the same rank
             a, b = _get(table, sc, claim["row"]), _get(table, sc, claim["baseline"])
             if a and b:
@@ -495,7 +498,7 @@ def claims(proto: dict, table: dict) -> list[dict]:
             a, b = _get(table, sc, claim["row"]), _get(table, sc, claim["baseline"])
             if a and b:
                 def at(e):
-                    grown = "" if e["growth_pct"] is None else f" (+{e['growth_pct']:.0f} %)"
+                    grown = "" if e["growth_pct"] is None else f" ({e['growth_pct']:+.0f} %)"
                     return f"{100 * m(e, 'A_last'):.1f} % at {_count(e['stored'])} stored{grown}"
                 figures = f"{claim['row']} {at(a)}; {claim['baseline']} {at(b)}"
                 verdict = ("holds" if m(a, "A_last") >= m(b, "A_last") - claim.get("tolerance", 0.01)
@@ -672,22 +675,23 @@ def _wall_time(out: Path, records: Records, selection: list, runs: list) -> floa
     return sum((records.load(d) or {}).get("wall_time_s") or 0.0 for d in dirs)
 
 
-def readme_section(proto: dict, table: dict, claim_rows: list[dict], *, wall_s: float, threads: int,
+def readme_section(proto: dict, table: dict, claim_rows: list[dict], *, wall_s: float, planned: int,
                    figures: list[Path], figures_link: str) -> str:
     """The protocol's results as Markdown for the README: the command, budget, machine and wall time, a table per
     scenario, the claims table and the ``figures`` (linked as ``figures_link/<name>``)."""
     c = proto["common"]
-    finished = sum(len(e["seeds"]) for rows in table.values() for e in rows.values())
-    planned = sum(len(e["row"].get("seeds", proto["seeds"])) for rows in table.values() for e in rows.values())
+    results = [r for rows in table.values() for e in rows.values() for r in e["results"]]
+    finished = len(results)
+    threads = sorted({r["config"].get("threads") for r in results if r.get("config", {}).get("threads")})
     lines = [
         f"#### {proto['title']}",
         "",
         f"`python -m experiments.suite --protocol {proto['protocol']}` (then `--report --readme README.md` rewrites "
         f"this block). Budget per experience: {c.get('subset')} training images, {c.get('epochs')} epochs, batch "
-        f"{c.get('batch_size')}, {c.get('eval_subset')} test images; seeds {', '.join(map(str, proto['seeds']))}. "
-        f"Machine: {os.cpu_count()} CPU cores, {threads} torch thread(s) per run, two protocols running side by side. "
-        f"Wall time of all its runs (learning-rate selection included): {wall_s / 3600:.1f} h"
-        + ("." if finished == planned else f"; {finished} of {planned} main runs finished so far."),
+        f"{c.get('batch_size')}, {c.get('eval_subset')} test images; seeds {', '.join(map(str, proto['seeds']))}"
+        + (f"; {'/'.join(map(str, threads))} torch thread(s) per run" if threads else "") + ". "
+        f"Wall time of all its runs (learning-rate selection included), each run's own time summed: "
+        f"{wall_s / 3600:.1f} h" + ("." if finished >= planned else f"; {finished} of {planned} main runs finished so far."),
         "",
     ]
     names = {"class_il": "class-incremental (no task label at test time)",
@@ -712,7 +716,7 @@ def write_readme(path: Path, protocol: str, section: str) -> None:
     """Replace the README block between ``<!-- suite:<protocol> -->`` and ``<!-- /suite:<protocol> -->``."""
     text = path.read_text()
     begin, end = f"<!-- suite:{protocol} -->", f"<!-- /suite:{protocol} -->"
-    if begin not in text or end not in text:
+    if begin not in text or end not in text or text.index(end) < text.index(begin):
         raise ValueError(f"--readme: {path} has no {begin} ... {end} block; add the two lines where the results go.")
     head, rest = text.split(begin, 1)
     path.write_text(head + begin + "\n" + section + end + rest.split(end, 1)[1])
@@ -766,9 +770,9 @@ def main(argv=None) -> int:
     if a.readme:  # checked before anything runs
         text = Path(a.readme).read_text() if Path(a.readme).is_file() else None
         block = f"<!-- suite:{proto['protocol']} -->"
-        if not a.report or text is None or block not in text or f"<!-- /{block[5:]}" not in text:
-            print(f"error: --readme needs --report and an existing file with the lines {block} and "
-                  f"<!-- /{block[5:]} where the results go.", file=sys.stderr)
+        if not a.report or a.quick or a.only or text is None or block not in text or f"<!-- /{block[5:]}" not in text:
+            print(f"error: --readme needs --report (the whole protocol: no --quick, no --only) and an existing file "
+                  f"with the lines {block} and <!-- /{block[5:]} where the results go.", file=sys.stderr)
             return 2
     seeds = a.seeds or (proto["seeds"][:1] if a.quick else proto["seeds"])
     out = Path(a.out or f"runs/suite-{proto['protocol']}{'-quick' if a.quick else ''}")
@@ -799,7 +803,7 @@ def main(argv=None) -> int:
             link = Path(os.path.relpath(published[-1].resolve(), readme.resolve().parent)).as_posix()
             write_readme(readme, proto["protocol"], readme_section(
                 proto, table, claims(proto, table), wall_s=_wall_time(out, records, selection, runs),
-                threads=a.threads, figures=figures, figures_link=link))
+                planned=len(runs), figures=figures, figures_link=link))
             print(f"results of {proto['protocol']} written into {readme}")
         done = sum(len(e["seeds"]) for rows in table.values() for e in rows.values())
         print(f"tables, claims and figures over {done}/{len(runs)} finished main runs in "

@@ -154,12 +154,10 @@ class TaskCopy(nn.Module):
         """Freeze a snapshot of the trained copy as task ``task``'s."""
         self.bank[str(task)] = copy.deepcopy(self.live).eval().requires_grad_(False)
 
-    @torch.no_grad()
     def reset(self) -> None:
         """The trained copy back to the pretrained weights and buffers (its parameters stay the same tensors, so an
         optimizer keeps them)."""
-        for mine, theirs in zip(self.live.state_dict().values(), self.pretrained.state_dict().values()):
-            mine.copy_(theirs)
+        self.live.load_state_dict(self.pretrained.state_dict())  # copies in place, keys checked
 
     def _layer(self, task: int) -> nn.Module:
         if task == BASE_ROUTE:
@@ -169,7 +167,8 @@ class TaskCopy(nn.Module):
         if task == self.current_task:
             return self.live
         raise ValueError(f"Task label {task} was never trained; no copy of {type(self.live).__name__} for it "
-                         f"(trained: {self.trained_tasks()}).")
+                         f"(trained: {self.trained_tasks()}"
+                         f"{'' if self.current_task is None else f', training: {self.current_task}'}).")
 
     def forward(self, x: Tensor) -> Tensor:
         if self.current_task is None and not len(self.bank):  # before any task: the shared module

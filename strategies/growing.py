@@ -14,13 +14,13 @@ from typing import Optional
 
 import torch
 from avalanche.core import SupervisedPlugin
-from avalanche.models import MultiTaskModule
 from torch import nn
 
+from models.heads import TaskIncrementalClassifier
 from models.inject import Target, _set_submodule, count_parameters, find_head, matches
 from models.task_lora import TaskCopy, set_task_routing
 
-from .base import PluginStateMixin, MethodStrategy, unwrap
+from .base import MethodStrategy, PluginStateMixin, unwrap
 from .linear_probe import freeze_backbone
 from .recipe import TrainingRecipe
 
@@ -47,29 +47,36 @@ def _downsamples(module: nn.Module) -> bool:
     return False
 
 
-def last_stage(model: nn.Module) -> list[str]:
+def last_stage(model: nn.Module, *, skip_head: bool = True) -> list[str]:
     """``grow_modules="auto"``: the names of the blocks of the last stage, from the last block that downsamples (a
-    conv or pooling of stride > 1) to the end, the classifier head and parameter-free blocks left out; e.g.
-    ``layer3.0`` … ``layer3.4`` of a CIFAR ResNet-32, ``features.14`` … ``features.18`` of torchvision's
-    MobileNetV2. Blocks are the model's children in registration order, ``Sequential`` containers opened.
+    conv or pooling of stride > 1; after it when it is a parameter-free pooling) to the end, parameter-free blocks
+    and, with ``skip_head``, the classifier head (:func:`~models.inject.find_head`) left out; e.g. ``layer3.0`` …
+    ``layer3.4`` of a CIFAR ResNet-32, ``features.14`` … ``features.18.1`` of torchvision's MobileNetV2. Blocks are
+    the model's children in registration order, ``Sequential`` / ``ModuleList`` containers opened.
 
-    :raises ValueError: when no block downsamples after the stem (e.g. a ViT): name the modules instead."""
-    head = find_head(model)
+    :param skip_head: leave the head out; ``False`` for a backbone whose head is already gone (the backbone of a
+        :class:`~models.heads.TaskIncrementalClassifier`, where the last Linear left is a hidden layer).
+    :raises ValueError: when nothing downsamples after the first block (e.g. a ViT, whose patch embedding is its
+        only stride): name the modules instead."""
+    head = find_head(model) if skip_head else None
     head_name = head[0] if head is not None else None
-    blocks = [(n, m) for n, m in _blocks(model)
-              if n != head_name and any(True for _ in m.parameters()) and not isinstance(m, nn.Identity)]
+    blocks = [(n, m) for n, m in _blocks(model) if n != head_name]
+    has_params = [any(True for _ in m.parameters()) for _, m in blocks]
     down = [i for i, (_, m) in enumerate(blocks) if _downsamples(m)]
-    if not down or down[-1] == 0:
-        raise ValueError(f"grow_modules='auto' finds no last stage in {type(model).__name__} (no block downsamples "
-                         "after the stem); name the modules to copy per task, e.g. grow_modules=['blocks.11'].")
-    return [n for n, _ in blocks[down[-1]:]]
+    start = None if not down else (down[-1] if has_params[down[-1]] else down[-1] + 1)
+    stage = [] if start is None else [n for (n, _), p in zip(blocks[start:], has_params[start:]) if p]
+    first = next((i for i, p in enumerate(has_params) if p), None)
+    if not stage or start <= first:
+        raise ValueError(f"grow_modules='auto' finds no last stage in {type(model).__name__}: no strided conv or "
+                         "pooling after its first block; name the modules to copy per task with grow_modules.")
+    return stage
 
 
-def _check_multitask(model: nn.Module) -> None:
-    if not isinstance(unwrap(model), MultiTaskModule):
+def _check_model(model: nn.Module) -> None:
+    if not isinstance(unwrap(model), TaskIncrementalClassifier):
         raise ValueError("The growing network is task-incremental (one copy and head per task, chosen by the task "
-                         f"label); {type(unwrap(model)).__name__} is no MultiTaskModule: use --task-incremental "
-                         "(a TaskIncrementalClassifier).")
+                         f"label): it needs a TaskIncrementalClassifier, not {type(unwrap(model)).__name__}; use "
+                         "--task-incremental.")
 
 
 class GrowingPlugin(PluginStateMixin, SupervisedPlugin, supports_distributed=True):
@@ -78,9 +85,11 @@ class GrowingPlugin(PluginStateMixin, SupervisedPlugin, supports_distributed=Tru
     Each targeted module is wrapped in a :class:`~models.task_lora.TaskCopy`: the wrapped module trains for the
     current task, starting again from the pretrained weights at every new task, and a frozen copy of it is stored
     per task at the end of the task. Samples are routed to their task's copy by their task label, in training and
-    evaluation, and each task has its own head, so earlier tasks' outputs stay bit-identical: zero forgetting, paid
-    for by one copy of the stage per task. Task-incremental only: the model must be a ``MultiTaskModule`` with
-    per-task heads (``experiments.run --task-incremental``).
+    evaluation, and each task has its own head; the trunk's BatchNorm layers stay in eval mode (their statistics
+    are shared by every task), so earlier tasks' outputs stay bit-identical: zero forgetting, paid for by one copy
+    of the stage per task. Task-incremental only: the model must be a
+    :class:`~models.heads.TaskIncrementalClassifier` (``experiments.run --task-incremental``). Replay is refused:
+    replayed samples would train the frozen tasks' heads.
 
     :param grow_modules: module names (a list: exact names or ``.suffix``; a string: a regular expression over the
         whole dotted name) whose copies grow, or ``"auto"``, the backbone's last stage (:func:`last_stage`).
@@ -101,15 +110,13 @@ class GrowingPlugin(PluginStateMixin, SupervisedPlugin, supports_distributed=Tru
     def prepare(self, model: nn.Module) -> None:
         """Wrap the targeted modules in per-task copies and freeze the rest but the heads (unless done)."""
         model = unwrap(model)
-        _check_multitask(model)
-        found = [n for n, m in model.named_modules() if isinstance(m, TaskCopy)]
+        _check_model(model)
+        found = [n for n, m in model.named_modules() if type(m) is TaskCopy]
         if found:
             self.grown_modules = found
             return
-        backbone = getattr(model, "backbone", model)
-        prefix = "backbone." if backbone is not model else ""
-        if self.grow_modules == "auto":
-            names = [prefix + n for n in last_stage(backbone)]
+        if self.grow_modules == "auto":  # the backbone's head is already an Identity
+            names = ["backbone." + n for n in last_stage(model.backbone, skip_head=False)]
         else:
             names = [n for n, m in model.named_modules() if n and matches(n, m, self.grow_modules)]
             # a matched module inside another matched one would be copied twice: keep the outer one
@@ -125,10 +132,22 @@ class GrowingPlugin(PluginStateMixin, SupervisedPlugin, supports_distributed=Tru
         self.grown_modules = names
 
     def before_training(self, strategy, **kwargs):
+        from avalanche.training.plugins import ReplayPlugin
+
+        if any(isinstance(p, ReplayPlugin) for p in strategy.plugins):
+            raise ValueError("The growing network keeps each task's copy and head apart: replayed samples would train "
+                             "earlier tasks' heads; drop the replay (--replay).")
         self.prepare(strategy.model)
 
     def _copies(self, model) -> list[TaskCopy]:
-        return [m for m in unwrap(model).modules() if isinstance(m, TaskCopy)]
+        return [m for m in unwrap(model).modules() if type(m) is TaskCopy]
+
+    def _freeze_trunk_batchnorm(self, model) -> None:
+        """Every BatchNorm outside the trained copies in eval mode: the trunk is shared by every task."""
+        live = {id(m) for c in self._copies(model) for m in c.live.modules()}
+        for m in unwrap(model).modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and id(m) not in live and m.training:
+                m.eval()
 
     # -- training -------------------------------------------------------------------------------------------
     def before_training_exp(self, strategy, **kwargs):
@@ -145,6 +164,9 @@ class GrowingPlugin(PluginStateMixin, SupervisedPlugin, supports_distributed=Tru
                 strategy.optimizer.state.pop(p, None)
             copy.current_task = t
         self.current_task = t
+
+    def before_training_iteration(self, strategy, **kwargs):  # Avalanche calls model.train() around evaluations
+        self._freeze_trunk_batchnorm(strategy.model)
 
     def before_forward(self, strategy, **kwargs):
         set_task_routing(strategy.model, strategy.mb_task_id)
@@ -195,6 +217,6 @@ class Growing(MethodStrategy):
         grow_modules: Optional[Target] = "auto",
         **base_kwargs,
     ):
-        _check_multitask(model)
+        _check_model(model)
         super().__init__(method_plugin=GrowingPlugin(grow_modules=grow_modules), model=model, optimizer=optimizer,
                          **base_kwargs)

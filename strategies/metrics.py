@@ -76,7 +76,7 @@ class ParameterGrowthPluginMetric(PluginMetric[dict]):
         """The history spans the whole run: nothing to reset."""
 
     def before_training(self, strategy):
-        if self.backbone is None:  # adapters or per-task copies may already be there: they are not the backbone
+        if self.backbone is None:  # adapters or per-task copies may be injected already: they are not the backbone
             model = unwrap(strategy.model)
             c = count_parameters(model)
             copies = sum(p.numel() for m in model.modules() if isinstance(m, TaskCopy)

@@ -347,7 +347,7 @@ def test_suite_report_rebuilds_tables_from_records_without_running(tmp_path, mon
                                accuracy_matrix=[[acc]], average_accuracy=[acc] * 5, parameters=[],
                                training=dict(lr=opts.get("lr", 0.01)), wall_time_s=1800.0))
     readme = tmp_path / "README.md"
-    readme.write_text("# x\n<!-- suite:q2 -->\nold\n<!-- /suite:q2 -->\nafter\n")
+    readme.write_text("# x\n<!-- suite:q2 -->\nSTALE-BLOCK\n<!-- /suite:q2 -->\nafter\n")
     args = ["--protocol", "q2", "--seeds", "0", "--out", str(out), "--records", str(published), "--report"]
     assert suite.main(args + ["--readme", str(readme)]) == 0
     with open(published / "table_task_il.csv") as f:
@@ -357,7 +357,7 @@ def test_suite_report_rebuilds_tables_from_records_without_running(tmp_path, mon
     # the README block: replaced, with both tables, the claims, the figures and the wall time of the 4 runs (2 h)
     text = readme.read_text()
     assert text.startswith("# x\n<!-- suite:q2 -->\n####") and text.endswith("<!-- /suite:q2 -->\nafter\n")
-    assert "old" not in text and "Wall time of all its runs (learning-rate selection included): 2.0 h" in text
+    assert "STALE-BLOCK" not in text and "own time summed: 2.0 h" in text
     assert text.count("| fine-tuning (naive) | naive |") == 2 and "| claim (source) |" in text
     assert "](published/curves_task_il.png)" in text and "4 of " in text
     readme.write_text("# no block\n")

@@ -12,7 +12,7 @@ from torch import nn
 
 from experiments.benchmarks import split_cifar10
 from models import BASE_ROUTE, TaskBatchNorm, TaskCopy, TaskIncrementalClassifier, cifar_resnet, set_task_routing, vit_cifar
-from strategies import FreezeBatchNormPlugin, Growing, last_stage
+from strategies import FreezeBatchNormPlugin, Growing, GrowingPlugin, last_stage
 
 
 def test_last_stage_is_everything_from_the_last_downsampling_block():
@@ -23,6 +23,20 @@ def test_last_stage_is_everything_from_the_last_downsampling_block():
                                      "features.18.1"]
     with pytest.raises(ValueError, match="no last stage"):  # a ViT downsamples only in its patch embedding
         last_stage(vit_cifar(10, depth=2, embed_dim=48, num_heads=3))
+    # downsampling by a parameter-free pooling: the stage starts after it (a VGG's last pool: its MLP classifier)
+    vgg = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(8, 8, 3), nn.MaxPool2d(2),
+                        nn.Flatten(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 10))
+    assert last_stage(vgg) == ["6"]
+
+
+def test_auto_stage_of_a_task_incremental_model_keeps_a_hidden_classifier_layer():
+    # MobileNetV3's classifier is Linear-Hardswish-Dropout-Linear: once the head is an Identity, the hidden Linear
+    # is part of the last stage, not a head to leave shared
+    model = TaskIncrementalClassifier(torchvision.models.mobilenet_v3_small(num_classes=10), 2)
+    plugin = GrowingPlugin()
+    plugin.prepare(model)
+    assert plugin.grown_modules[0] == "backbone.features.9" and plugin.grown_modules[-1] == "backbone.classifier.0"
+    assert isinstance(model.backbone.classifier[0], TaskCopy)
 
 
 def test_mixed_task_batch_goes_through_each_sample_own_copy():
@@ -52,6 +66,20 @@ def test_mixed_task_batch_goes_through_each_sample_own_copy():
         copy(x)
 
 
+def test_reset_restores_buffers_and_a_saved_model_loads_its_copies():
+    block = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+    copy = TaskCopy(block)
+    block.train()(torch.randn(8, 3, 6, 6))  # running statistics move
+    assert not torch.equal(block[1].running_mean, copy.pretrained[1].running_mean)
+    copy.store(0)
+    copy.reset()
+    assert torch.equal(block[1].running_mean, torch.zeros(4)) and torch.equal(block[1].running_var, torch.ones(4))
+    fresh = TaskCopy(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)))
+    fresh.load_state_dict(copy.state_dict())  # dotted bank keys (bank.0.1.running_mean) create the entry first
+    assert fresh.trained_tasks() == [0]
+    assert torch.equal(fresh.bank["0"][1].running_mean, copy.bank["0"][1].running_mean)
+
+
 def test_task_batchnorm_keeps_its_state_dict_names():
     bn = TaskBatchNorm(nn.BatchNorm2d(4))
     bn.store(0)
@@ -70,9 +98,14 @@ def _data(tmp_path):
     return split_cifar10(2, seed=0, data=tmp_path / "d.npz", return_task_id=True)
 
 
-def test_only_the_current_copy_and_heads_train_and_earlier_tasks_stay_bit_identical(tmp_path):
+@pytest.mark.parametrize("bn", ["frozen", "train"])
+def test_only_the_current_copy_and_heads_train_and_earlier_tasks_stay_bit_identical(tmp_path, bn):
     bm = _data(tmp_path)
     model = TaskIncrementalClassifier(cifar_resnet(20, 10), 2)
+    if bn == "train":  # statistics away from 0 / 1, so that a trunk BatchNorm in train mode would move them
+        with torch.no_grad():
+            model.train()(torch.randn(16, 3, 32, 32) * 2 + 1, torch.zeros(16, dtype=torch.long))
+    buffers = {n: b.clone() for n, b in model.backbone.named_buffers() if not n.startswith("layer3.")}
     trunk = {n: p.detach().clone() for n, p in model.backbone.named_parameters() if not n.startswith("layer3.")}
     pretrained = {n: p.detach().clone() for n, p in model.backbone.layer3.named_parameters()}
     starts = []
@@ -83,7 +116,7 @@ def test_only_the_current_copy_and_heads_train_and_earlier_tasks_stay_bit_identi
                 starts.append(strategy.model.backbone.layer3[0].live.conv1.weight.detach().clone())
 
     strategy = Growing(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.05), train_mb_size=8,
-                       train_epochs=2, plugins=[FreezeBatchNormPlugin(), Spy()],
+                       train_epochs=2, plugins=[Spy()] + ([FreezeBatchNormPlugin()] if bn == "frozen" else []),
                        evaluator=EvaluationPlugin(accuracy_metrics(stream=True), loggers=[]))
     x0 = torch.stack([s[0] for s in bm.test_stream[0].dataset])
     t0 = torch.zeros(len(x0), dtype=torch.long)
@@ -103,6 +136,9 @@ def test_only_the_current_copy_and_heads_train_and_earlier_tasks_stay_bit_identi
     for n, p in model.backbone.named_parameters():
         if n in trunk:
             assert torch.equal(p, trunk[n]), n
+    for n, b in model.backbone.named_buffers():  # the trunk's BatchNorm statistics are shared: they never move
+        if n in buffers:
+            assert torch.equal(b, buffers[n]), n
     copies = [m for m in model.modules() if isinstance(m, TaskCopy)]
     assert len(copies) == 3 and all(c.trained_tasks() == [0, 1] for c in copies)
     w = "conv1.weight"
@@ -112,12 +148,17 @@ def test_only_the_current_copy_and_heads_train_and_earlier_tasks_stay_bit_identi
     assert len(starts) == 2 and all(torch.equal(s, pretrained[f"0.{w}"]) for s in starts)  # every task from pretrained
     # stored: the model with one stage, plus one stage per task; a sample uses one stage and one head
     stage = sum(p.numel() for p in pretrained.values())
-    body = sum(t.numel() for n, t in trunk.items() if not n.startswith("linear.")) + stage
+    body = sum(t.numel() for t in trunk.values()) + stage  # (the backbone's head is an Identity)
     heads = sum(p.numel() for p in model.head.parameters())
     rep = strategy.method_plugin.parameter_report(model)
     assert rep["stored"] == body + heads + 2 * stage and rep["inference"] == body + heads
 
 
-def test_a_class_incremental_model_is_refused_before_training():
+def test_a_class_incremental_model_and_replay_are_refused_before_training(tmp_path):
     with pytest.raises(ValueError, match="use --task-incremental"):
         Growing(model=cifar_resnet(20, 10))
+    from avalanche.training.plugins import ReplayPlugin
+
+    strategy = Growing(model=TaskIncrementalClassifier(cifar_resnet(20, 10), 2), plugins=[ReplayPlugin(mem_size=10)])
+    with pytest.raises(ValueError, match="drop the replay"):
+        strategy.train(_data(tmp_path).train_stream[0])

@@ -89,6 +89,8 @@ def test_resume_after_sigkill_reproduces_the_uninterrupted_run(tmp_path):
     assert resumed["finished"] and resumed["resumed_at"] == [partial["experiences_done"]]
     assert resumed["accuracy_matrix"] == reference["accuracy_matrix"]  # bit-identical floats
     assert [p["stored"] for p in resumed["parameters"]] == [p["stored"] for p in reference["parameters"]]
+    # growth stays relative to the backbone before the first experience (not to the restored model with its banks)
+    assert [p["growth_pct"] for p in resumed["parameters"]] == [p["growth_pct"] for p in reference["parameters"]]
     assert (out / "log.txt").read_text().startswith(log_before)  # the log was appended, not rewritten
     assert (out / "csv" / "eval_results.csv").is_file()
     assert (out / f"csv-resumed-at-{partial['experiences_done']}").is_dir()
