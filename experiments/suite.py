@@ -491,7 +491,10 @@ def claims(proto: dict, table: dict) -> list[dict]:
             es = [(n, _get(table, sc, n)) for n in claim["order"]]
             if all(e for _, e in es):
                 accs = [m(e, "A_last") for _, e in es]
-                figures = " > ".join(f"{n} {100 * a:.1f}" for (n, _), a in zip(es, accs))
+                # the measured order between neighbours ("<" where the paper's order breaks)
+                figures = f"{es[0][0]} {100 * accs[0]:.1f}" + "".join(
+                    f" {'≥' if accs[i] >= accs[i + 1] else '<'} {es[i + 1][0]} {100 * accs[i + 1]:.1f}"
+                    for i in range(len(accs) - 1))
                 ok = all(accs[i] >= accs[i + 1] - claim.get("tolerance", 0.0) for i in range(len(accs) - 1))
                 verdict = "holds" if ok else "does not hold"
         elif kind == "growth":  # per-task adapters reach a growing network's accuracy with less growth

@@ -380,3 +380,29 @@ def test_suite_selection_of_a_new_row_keeps_the_rows_chosen_before(tmp_path):
                                                             "b": {"lr": 0.01, "validation_accuracy": 0.7}}
     assert (tmp_path / "selection.md").read_text().splitlines()[2:] == [
         "| a | lr0.1 **chosen** | 50.0 |", "| b | lr0.01 **chosen** | 70.0 |", "| b | lr0.03 | diverged |"]
+
+
+def test_suite_claim_verdicts_on_hand_made_figures():
+    from experiments.suite import claims
+
+    def row(acc, stored=100, growth=None, ranks=None, r=8):
+        res = dict(model=dict(lora=dict(r=r)), rank_history=ranks or [])
+        return dict(A_last=[acc], stored=stored, growth_pct=growth, results=[res])
+
+    table = {"class_il": {"a": row(0.6), "b": row(0.2), "c": row(0.3)},
+             "task_il": {"small": row(0.875, 150, 33.0), "big": row(0.88, 900, 300.0), "worse": row(0.80, 120, 10.0),
+                         "pruned": row(0.9, ranks=[{"x": 4, "y": 6}], r=16), "full": row(0.9, ranks=[{"x": 16}], r=16),
+                         "lora": row(0.9, r=8)}}
+    proto = dict(path="p.yaml", claims=[
+        dict(kind="ranking", text="t", scenario="class_il", order=["a", "b", "c"]),
+        dict(kind="ranking", text="t", scenario="class_il", order=["a", "c", "b"]),
+        dict(kind="growth", text="t", row="small", baseline="big"),
+        dict(kind="growth", text="t", row="worse", baseline="big"),
+        dict(kind="fewer_ranks", text="t", row="pruned", baseline="lora"),
+        dict(kind="fewer_ranks", text="t", row="full", baseline="lora")])
+    out = claims(proto, table)
+    assert [c["verdict"] for c in out] == ["does not hold", "holds", "holds", "does not hold", "holds",
+                                           "does not hold"]
+    assert out[0]["figures"] == "a 60.0 ≥ b 20.0 < c 30.0"  # where the order breaks, shown as measured
+    assert out[2]["figures"] == "small 87.5 % at 0.1 k stored (+33 %); big 88.0 % at 0.9 k stored (+300 %)"
+    assert out[4]["figures"].startswith("pruned: 5.0 ranks kept per layer and task on average (min 4, of r = 16)")
