@@ -502,7 +502,7 @@ def claims(proto: dict, table: dict) -> list[dict]:
             if a and b:
                 def at(e):
                     grown = "" if e["growth_pct"] is None else f" ({e['growth_pct']:+.0f} %)"
-                    return f"{100 * m(e, 'A_last'):.1f} % at {_count(e['stored'])} stored{grown}"
+                    return f"{_fmt_pct(e['A_last'])} % at {_count(e['stored'])} stored{grown}"
                 figures = f"{claim['row']} {at(a)}; {claim['baseline']} {at(b)}"
                 verdict = ("holds" if m(a, "A_last") >= m(b, "A_last") - claim.get("tolerance", 0.01)
                            and a["stored"] < b["stored"] else "does not hold")
