@@ -617,7 +617,7 @@ def _write_selection(proto: dict, results: dict, outs: list[Path], *, write_back
     """``selection.md`` in each of ``outs`` (every grid point's validation accuracy) and, unless quick, the chosen
     values at the end of the protocol's YAML. Rows chosen before (not in ``results``) keep their choice and their
     lines."""
-    order = {r["name"]: i for i, r in enumerate(proto["rows"])}
+    order = {r["name"]: i for i, r in enumerate(proto.get("all_rows", proto["rows"]))}  # (--only keeps fewer)
     new_lines: dict = {}
     chosen = {n: v for n, v in proto["selected"].items() if n not in results}
     for name, points in results.items():
@@ -766,6 +766,7 @@ def main(argv=None) -> int:
             unknown = keep - {r["name"] for r in proto["rows"]}
             if unknown:
                 raise ValueError(f"--only: no row(s) {sorted(unknown)} in {proto['path']}.")
+            proto["all_rows"] = proto["rows"]
             proto["rows"] = [r for r in proto["rows"] if r["name"] in keep]
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
