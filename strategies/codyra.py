@@ -140,8 +140,8 @@ class CoDyRAPlugin(ClassMaskMixin, AdapterPluginMixin, SupervisedPlugin, support
         self._tau_every = int((total - self._dense) // self.lambda_num)
         if self._tau_every <= 0 and not getattr(self, "_warned_short", False):
             self._warned_short = True
-            warnings.warn(f"CoDyRA: an experience of {total} iterations leaves {total - self._dense:.0f} after the dense "
-                          f"phase, fewer than lambda_num={self.lambda_num}: the threshold never rises (as in the "
+            warnings.warn(f"CoDyRA: an experience of {total} iterations leaves {total - self._dense:.0f} after the "
+                          f"dense phase, fewer than lambda_num={self.lambda_num}: the threshold never rises (as in the "
                           "official code) and no rank is pruned; train longer or lower lambda_num.", stacklevel=2)
 
     def current_tau(self, iteration: int) -> float:

@@ -185,11 +185,12 @@ class GrowingPlugin(PluginStateMixin, SupervisedPlugin, supports_distributed=Tru
         pretraining task) and the heads; ``inference``: the trunk, one task's copy and the heads."""
         copies = self._copies(model)
         total = count_parameters(unwrap(model))["total"]
-        if not self.trained_tasks:
-            return dict(stored=total, inference=total)
-        live = sum(p.numel() for c in copies for p in c.live.parameters())  # a duplicate of the last task's copy
+        # the trained copy duplicates the last task's stored one (before any task: the pretrained one)
+        live = sum(p.numel() for c in copies for p in c.live.parameters())
         one = sum(p.numel() for c in copies for p in c.pretrained.parameters())
         stored = total - live
+        if not self.trained_tasks:
+            return dict(stored=stored, inference=stored)
         per_task = {t: one for t in self.trained_tasks}
         return dict(stored=stored, inference=stored - one * len(self.trained_tasks), per_task=per_task)
 
@@ -199,8 +200,7 @@ class Growing(MethodStrategy):
 
     Recipe: the fine-tuning baseline's (SGD 0.01, momentum 0.9): a copy of the stage is fine-tuned as a whole.
 
-    :param model: a :class:`~avalanche.models.MultiTaskModule` with one head per task (e.g.
-        :class:`~models.heads.TaskIncrementalClassifier`).
+    :param model: a :class:`~models.heads.TaskIncrementalClassifier` (a backbone and one head per task).
     :param optimizer: ``None`` builds the recipe's; else an optimizer over ``model.parameters()``.
     The rest are those of ``SupervisedTemplate``.
     """

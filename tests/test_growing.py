@@ -11,7 +11,8 @@ from avalanche.training.plugins import EvaluationPlugin
 from torch import nn
 
 from experiments.benchmarks import split_cifar10
-from models import BASE_ROUTE, TaskBatchNorm, TaskCopy, TaskIncrementalClassifier, cifar_resnet, set_task_routing, vit_cifar
+from models import (BASE_ROUTE, TaskBatchNorm, TaskCopy, TaskIncrementalClassifier, cifar_resnet, set_task_routing,
+                    vit_cifar)
 from strategies import FreezeBatchNormPlugin, Growing, GrowingPlugin, last_stage
 
 
