@@ -329,6 +329,17 @@ def _count(n) -> str:
     return f"{n / 1e6:.2f} M" if n >= 1e6 else f"{n / 1e3:.1f} k"
 
 
+def _chance(res: dict) -> float | None:
+    """The last accuracy of a model that guesses: 1 / classes seen (class-IL), the mean of 1 / classes per task over
+    the tasks (task-IL)."""
+    sizes = [len(c) for c in (res.get("benchmark") or {}).get("classes_per_experience") or []]
+    if not sizes:
+        return None
+    if res["benchmark"].get("scenario") == "task-incremental":
+        return float(np.mean([1.0 / s for s in sizes]))
+    return 1.0 / sum(sizes)
+
+
 def aggregate(proto: dict, runs: list, records: Records | None = None) -> dict:
     """``{scenario: {row: figures}}`` over the finished seeds of each (scenario, row)."""
     table: dict = {}
@@ -345,6 +356,8 @@ def aggregate(proto: dict, runs: list, records: Records | None = None) -> dict:
             e["diverged"] = sum(bool(r.get("stopped")) for r in rs)
             ok = [r for r in rs if r.get("finished")]
             e["A_last"] = [r["A_last"] for r in ok]
+            # runs that end at chance (a collapse to one class, or nothing learnt): flagged in the table
+            e["at_chance"] = sum(r["A_last"] <= _chance(r) + 0.01 for r in ok if _chance(r) is not None)
             e["A_avg"] = [r["A_avg"] for r in ok]
             e["forgetting"] = [r["average_forgetting"] for r in ok]
             e["bwt"] = [r["bwt"] for r in ok]
@@ -397,7 +410,8 @@ def _table_rows(proto: dict, rows: dict) -> list[list[str]]:
         seeds = f"{len(e['seeds'])}" + (f" ({e['diverged']} diverged)" if e["diverged"] else "")
         out.append([
             r.get("label", name), r["method"], _fmt_lr(e) if r["method"] != "ncm" else "–",
-            _fmt_pct(e["A_last"]), _fmt_pct(e["A_avg"]) if r["method"] != "joint" else "–",
+            _fmt_pct(e["A_last"]) + (f" ({e['at_chance']}/{len(e['A_last'])} at chance)" if e["at_chance"] else ""),
+            _fmt_pct(e["A_avg"]) if r["method"] != "joint" else "–",
             _fmt_pct(e["forgetting"]) if r["method"] != "joint" else "–",
             _fmt_pct(e["bwt"]) if r["method"] != "joint" else "–",
             "–" if e["last_over_joint"] is None else f"{e['last_over_joint']:.2f}",

@@ -342,8 +342,11 @@ def test_suite_report_rebuilds_tables_from_records_without_running(tmp_path, mon
             continue
         cfg = {k: v for k, v in opts.items() if k != "scenario"}
         cfg["task_incremental"] = scenario == "task_il"
-        acc = 0.9 if row["name"] == "joint" else 0.6
+        acc = 0.9 if row["name"] == "joint" else 0.6 if scenario == "task_il" else 0.105  # class-IL chance: 0.1
+        bench = dict(scenario="task-incremental" if scenario == "task_il" else "class-incremental",
+                     classes_per_experience=[[2 * i, 2 * i + 1] for i in range(5)])
         rec.save(run_dir, dict(config=cfg, finished=True, A_last=acc, A_avg=acc, average_forgetting=0.1, bwt=-0.1,
+                               benchmark=bench,
                                accuracy_matrix=[[acc]], average_accuracy=[acc] * 5, parameters=[],
                                training=dict(lr=opts.get("lr", 0.01)), wall_time_s=1800.0))
     readme = tmp_path / "README.md"
@@ -353,6 +356,10 @@ def test_suite_report_rebuilds_tables_from_records_without_running(tmp_path, mon
     with open(published / "table_task_il.csv") as f:
         table = {r["method"]: r for r in csv.DictReader(f) if r["seeds"] == "1"}
     assert set(table) == {"naive", "joint"} and table["naive"]["last ÷ joint"] == "0.67"
+    assert table["naive"]["last acc %"] == "60.0"  # task-IL chance is 50 %
+    with open(published / "table_class_il.csv") as f:
+        cil = {r["method"]: r for r in csv.DictReader(f) if r["seeds"] == "1"}
+    assert cil["naive"]["last acc %"] == "10.5 (1/1 at chance)" and cil["joint"]["last acc %"] == "90.0"
     assert (published / "claims.md").is_file() and (published / "curves_task_il.png").stat().st_size > 10_000
     # the README block: replaced, with both tables, the claims, the figures and the wall time of the 4 runs (2 h)
     text = readme.read_text()
