@@ -164,10 +164,15 @@ def plan(proto: dict, *, quick: bool, seeds: list[int], out: Path) -> tuple[list
     for row in proto["rows"]:
         scenarios = row.get("scenarios", proto["scenarios"])
         scenario = sel["scenario"] if sel["scenario"] in scenarios else scenarios[0]  # e.g. class-IL-only methods
-        for point in _grid(dict(proto, selection=sel), row):
-            opts = dict(common, **_row_options(row), **point, seed=sel["seed"], scenario=scenario,
-                        validation=sel_validation)
-            selection.append((row, scenario, sel["seed"], point, opts, out / "select" / row["name"] / _tag(point)))
+        # ``per_scenario``: these scenarios get their own choice too (key ``<row>@<scenario>``)
+        keyed = [(scenario, row["name"])] + [(sc, f"{row['name']}@{sc}") for sc in sel.get("per_scenario", [])
+                                             if sc in scenarios and sc != scenario]
+        for sc, key in keyed:
+            for point in _grid(dict(proto, selection=sel), row):
+                opts = dict(common, **_row_options(row), **point, seed=sel["seed"], scenario=sc,
+                            validation=sel_validation)
+                selection.append((dict(row, key=key), sc, sel["seed"], point, opts,
+                                  out / "select" / key / _tag(point)))
     runs = []
     for seed in seeds:
         for scenario in proto["scenarios"]:
@@ -631,9 +636,20 @@ def _write_selection(proto: dict, results: dict, outs: list[Path], *, write_back
     """``selection.md`` in each of ``outs`` (every grid point's validation accuracy) and, unless quick, the chosen
     values at the end of the protocol's YAML. Rows chosen before (not in ``results``) keep their choice and their
     lines."""
-    order = {r["name"]: i for i, r in enumerate(proto.get("all_rows", proto["rows"]))}  # (--only keeps fewer)
+    rank = {r["name"]: i for i, r in enumerate(proto.get("all_rows", proto["rows"]))}  # (--only keeps fewer)
+
+    def order(key):  # a row's own choice first, then its per-scenario ones
+        name, _, sc = key.partition("@")
+        return (rank.get(name, len(rank)), sc)
+
     new_lines: dict = {}
-    chosen = {n: v for n, v in proto["selected"].items() if n not in results}
+    on_file = {}
+    if write_back:  # choices another suite process (e.g. --only other rows) wrote since this one started
+        import yaml
+
+        text = Path(proto["path"]).read_text()
+        on_file = (yaml.safe_load(text.split(MARKER)[1]) or {}).get("selected") or {} if MARKER in text else {}
+    chosen = {n: v for n, v in {**proto["selected"], **on_file}.items() if n not in results}
     for name, points in results.items():
         best = max(points, key=lambda p: -1 if p[1] is None else p[1])
         chosen[name] = dict(best[0], validation_accuracy=None if best[1] is None else round(best[1], 4))
@@ -641,7 +657,7 @@ def _write_selection(proto: dict, results: dict, outs: list[Path], *, write_back
             mark = " **chosen**" if point is best[0] else ""
             new_lines.setdefault(name, []).append(
                 f"| {name} | {_tag(point)}{mark} | {'diverged' if acc is None else f'{100 * acc:.1f}'} |")
-    chosen = dict(sorted(chosen.items(), key=lambda kv: order.get(kv[0], len(order))))
+    chosen = dict(sorted(chosen.items(), key=lambda kv: order(kv[0])))
     for out in outs:
         lines = dict(new_lines)
         old = out / "selection.md"
@@ -650,7 +666,7 @@ def _write_selection(proto: dict, results: dict, outs: list[Path], *, write_back
             if name not in results:
                 lines.setdefault(name, []).append(line)
         head = ["| row | grid point | validation last acc % |", "|---|---|---|"]
-        body = [ln for n in sorted(lines, key=lambda n: order.get(n, len(order))) for ln in lines[n]]
+        body = [ln for n in sorted(lines, key=order) for ln in lines[n]]
         old.write_text("\n".join(head + body) + "\n")
     if write_back:
         import yaml
@@ -668,7 +684,8 @@ def _apply_selection(proto: dict, runs: list) -> list:
     out = []
     for row, scenario, seed, point, opts, run_dir in runs:
         src = row.get("lr_from") or row["name"]
-        chosen = {k: v for k, v in (proto["selected"].get(src) or {}).items() if k != "validation_accuracy"}
+        picked = proto["selected"].get(f"{src}@{scenario}") or proto["selected"].get(src) or {}
+        chosen = {k: v for k, v in picked.items() if k != "validation_accuracy"}
         if row.get("lr_from"):
             chosen = {"lr": chosen["lr"]} if "lr" in chosen else {}
         out.append((row, scenario, seed, point, dict(opts, **chosen), run_dir))
@@ -832,11 +849,11 @@ def main(argv=None) -> int:
     try:
         # 1. learning rates on the validation split (skipped for rows the protocol already has, unless --reselect);
         # a best lr at an end of the grid extends the grid by a factor of 3 that way (at most twice)
-        todo = [s for s in selection if a.quick or a.reselect or s[0]["name"] not in proto["selected"]]
+        todo = [s for s in selection if a.quick or a.reselect or s[0]["key"] not in proto["selected"]]
         by_row: dict = {}
         k = 0
-        for name in dict.fromkeys(s[0]["name"] for s in todo):
-            entries = [s for s in todo if s[0]["name"] == name]
+        for name in dict.fromkeys(s[0]["key"] for s in todo):
+            entries = [s for s in todo if s[0]["key"] == name]
             row, scenario, seed, _, opts0, _ = entries[0]
             extensions = 0
             while entries:

@@ -413,3 +413,28 @@ def test_suite_claim_verdicts_on_hand_made_figures():
     assert out[0]["figures"] == "a 60.0 ≥ b 20.0 < c 30.0"  # where the order breaks, shown as measured
     assert out[2]["figures"] == "small 87.5 % at 0.1 k stored (+33 %); big 88.0 % at 0.9 k stored (+300 %)"
     assert out[4]["figures"].startswith("pruned: 5.0 ranks kept per layer and task on average (min 4, of r = 16)")
+
+
+def test_suite_per_scenario_selection_plans_keys_and_applies_them(tmp_path, monkeypatch):
+    import yaml
+
+    from experiments import suite
+
+    monkeypatch.setenv("LOWRANK_CL_DATA", str(tmp_path))
+    monkeypatch.setenv("LOWRANK_CL_WEIGHTS", str(tmp_path))
+    proto = suite.load_protocol("q2")
+    proto["selection"] = dict(proto["selection"], per_scenario=["class_il"])
+    selection, runs = suite.plan(proto, quick=False, seeds=[0], out=tmp_path)
+    keys = {(s[0]["key"], s[1]) for s in selection}
+    assert ("replay", "task_il") in keys and ("replay@class_il", "class_il") in keys
+    assert ("hide_lora", "class_il") in keys and not any(k.startswith("hide_lora@") for k, _ in keys)  # class-IL only
+    assert not any(k.startswith(("growing@", "mlora_")) for k, _ in keys if "@" in k)  # task-IL only rows
+    proto["selected"] = {"replay": {"lr": 0.01}, "replay@class_il": {"lr": 0.001}}
+    lr = {(r[0]["name"], r[1]): r[4]["lr"] for r in suite._apply_selection(proto, runs) if r[0]["name"] == "replay"}
+    assert lr == {("replay", "task_il"): 0.01, ("replay", "class_il"): 0.001}
+    # a choice written to the file by another suite process meanwhile is kept
+    path = tmp_path / "p.yaml"
+    path.write_text("protocol: p\n\n" + suite.MARKER + "\nselected:\n  naive@class_il: {lr: 0.1}\n")
+    p = dict(path=str(path), rows=[{"name": "naive"}, {"name": "replay"}], selected={"replay": {"lr": 0.01}})
+    suite._write_selection(p, {"replay@class_il": [({"lr": 0.001}, 0.6)]}, [tmp_path], write_back=True)
+    assert list(yaml.safe_load(path.read_text())["selected"]) == ["naive@class_il", "replay", "replay@class_il"]
