@@ -6,6 +6,11 @@ SeNA-CNN (Zacarias and Alexandre, "SeNA-CNN: Overcoming Catastrophic Forgetting 
 Selective Network Augmentation", ANNPR 2018, arXiv:1802.08250; 84 % at +82 %), which adds to a shared trunk one branch
 of the last layers per task. Here the branch is a trained copy of the last stage (the blocks from the last downsampling
 on), started from the pretrained weights for every task.
+
+No official code is followed (neither SeNA-CNN's nor the study's growing network is in the study's repository).
+Deviations from SeNA-CNN, kept: the branch is a full copy of the pretrained last stage rather than new layers of its
+own shape (so it is defined for any backbone, and the comparison with per-task adapters on the same layers is
+direct); the recipe is the fine-tuning baseline's (SGD 0.01, momentum 0.9), its learning rate chosen like every row's.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from models.inject import Target, _set_submodule, count_parameters, find_head, m
 from models.task_lora import TaskCopy, set_task_routing
 
 from .base import MethodStrategy, PluginStateMixin, unwrap
+from .batchnorm import batchnorm_layers
 from .linear_probe import freeze_backbone
 from .recipe import TrainingRecipe
 
@@ -145,8 +151,8 @@ class GrowingPlugin(PluginStateMixin, SupervisedPlugin, supports_distributed=Tru
     def _freeze_trunk_batchnorm(self, model) -> None:
         """Every BatchNorm outside the trained copies in eval mode: the trunk is shared by every task."""
         live = {id(m) for c in self._copies(model) for m in c.live.modules()}
-        for m in unwrap(model).modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm) and id(m) not in live and m.training:
+        for m in batchnorm_layers(unwrap(model)):
+            if id(m) not in live and m.training:
                 m.eval()
 
     # -- training -------------------------------------------------------------------------------------------
